@@ -1,0 +1,173 @@
+"""Hook-based capture of the residual-stream decomposition during one forward pass.
+
+For each paper layer l = 1..L (block index l-1) the capture emits, in forward order,
+`attn_in` (normed attention input), `attn` (A_l, what attention adds to the stream),
+`resid_mid` (H_{l-1} + A_l), `ffn_in` (normed FFN input), `ffn` (F_l) and `layer` (H_l, the raw
+block output, never HF's final-normed `hidden_states[-1]`); layer 0 emits only `layer` (H_0,
+the embedding output the first block reads, after any embedding scaling).
+
+Why plain PyTorch hooks on the HF model rather than TransformerLens' `TransformerBridge`: the
+bridge forces eager attention (slow and memory-hungry on long responses), mutates a model passed
+in (it would break the TRL policy and `save_pretrained`), and does not compose with
+`device_map` sharding. The hook *names* follow the field's convention all the same, and
+`internal_policy.lens_bridge` recomputes the same tensors through the bridge; the test suite
+checks that both paths agree on every supported architecture.
+
+Emission is streaming (a callback per tensor) so a consumer can decode and drop each tensor at
+once: peak memory then does not grow with the number of layers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+from .models import ModelSpec, describe
+
+COMPONENTS: tuple[str, ...] = ("layer", "attn_in", "attn", "resid_mid", "ffn_in", "ffn")
+"""Component names (DEVELOPERS.md conventions); `layer` at layer 0 is the embedding output."""
+
+Site = tuple[int, str]
+"""(paper layer 0..L, component)."""
+
+OnTensor = Callable[[int, str, torch.Tensor, "Site | None"], None]
+"""callback(layer, component, tensor [batch, seq, d], alias): `alias` names an earlier site that is
+the very same tensor (e.g. OLMo2's attention reads H_{l-1} unnormed): then `tensor` is None and the
+consumer reuses what it computed for `alias` instead of decoding again."""
+
+TL_HOOK_NAMES: dict[str, str] = {
+    "layer": "blocks.{i}.hook_resid_post",
+    "attn_in": "blocks.{i}.ln1.hook_out",
+    "attn": "blocks.{i}.hook_attn_out",
+    "resid_mid": "blocks.{i}.hook_resid_mid",
+    "ffn_in": "blocks.{i}.ln2.hook_out",
+    "ffn": "blocks.{i}.hook_mlp_out",
+}
+"""TransformerLens names of each component for 0-based block i (= paper layer i + 1)."""
+
+
+def _first(out):
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+@contextmanager
+def capture(model: nn.Module, on_tensor: OnTensor, spec: ModelSpec | None = None) -> Iterator[ModelSpec]:
+    """Within the block, every forward of `model` streams its decomposition to `on_tensor`."""
+    spec = spec or describe(model)
+    layout = spec.layout
+    block_input: dict[int, torch.Tensor] = {}
+    handles = []
+
+    def on_block_input(index):
+        def hook(_module, args, kwargs):
+            h = args[0] if args else kwargs["hidden_states"]
+            block_input[index] = h
+            if index == 0:
+                on_tensor(0, "layer", h, None)
+        return hook
+
+    def on_attn_in(index):
+        return lambda _m, _a, out: on_tensor(index + 1, "attn_in", _first(out), None)
+
+    def on_attn(index):
+        def hook(_module, _args, out):
+            layer, a = index + 1, _first(out)
+            if layout.attn_in is None:
+                on_tensor(layer, "attn_in", None, (layer - 1, "layer"))
+            on_tensor(layer, "attn", a, None)
+            on_tensor(layer, "resid_mid", block_input[index] + a, None)
+        return hook
+
+    def on_ffn_in(index):
+        return lambda _m, _a, out: on_tensor(index + 1, "ffn_in", _first(out), None)
+
+    def on_ffn(index):
+        def hook(_module, _args, out):
+            layer = index + 1
+            if layout.ffn_in is None:
+                on_tensor(layer, "ffn_in", None, (layer, "resid_mid"))
+            elif layout.ffn_in == layout.attn_in:
+                on_tensor(layer, "ffn_in", None, (layer, "attn_in"))
+            on_tensor(layer, "ffn", _first(out), None)
+        return hook
+
+    def on_block_output(index):
+        def hook(_module, _args, out):
+            on_tensor(index + 1, "layer", _first(out), None)
+            block_input.pop(index, None)
+        return hook
+
+    try:
+        for i, block in enumerate(spec.layers):
+            handles.append(block.register_forward_pre_hook(on_block_input(i), with_kwargs=True))
+            if layout.attn_in is not None:
+                handles.append(spec.block_part(i, layout.attn_in).register_forward_hook(on_attn_in(i)))
+            handles.append(spec.block_part(i, layout.attn).register_forward_hook(on_attn(i)))
+            if layout.ffn_in is not None and layout.ffn_in != layout.attn_in:
+                handles.append(spec.block_part(i, layout.ffn_in).register_forward_hook(on_ffn_in(i)))
+            handles.append(spec.block_part(i, layout.ffn).register_forward_hook(on_ffn(i)))
+            handles.append(block.register_forward_hook(on_block_output(i)))
+        yield spec
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@torch.no_grad()
+def extract(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    components: tuple[str, ...] = COMPONENTS,
+    spec: ModelSpec | None = None,
+) -> dict[Site, torch.Tensor]:
+    """All requested components of one forward pass, as {(layer, component): [batch, seq, d]}.
+
+    Holds every tensor at once: for profiling long inputs use `capture` with a streaming consumer.
+    """
+    found: dict[Site, torch.Tensor] = {}
+
+    def keep(layer, component, x, alias):
+        if component in components:
+            found[(layer, component)] = found[alias] if alias is not None else x.detach()
+
+    with capture(model, keep, spec):
+        model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+    return found
+
+
+class _StopForward(Exception):
+    pass
+
+
+def forward_until(
+    model: nn.Module, layer: int, spec: ModelSpec | None = None, **inputs
+) -> torch.Tensor:
+    """Raw H_layer (paper numbering, 0 = embedding) from a forward that stops after that block.
+
+    Blocks above `layer` never run, so they cost nothing and receive no gradient; the result keeps
+    its autograd graph (used by BuPO's internal-policy phase).
+    """
+    spec = spec or describe(model)
+    if not 0 <= layer <= spec.n_layers:
+        raise ValueError(f"layer {layer} is out of range: this model has layers 0..{spec.n_layers} (paper numbering)")
+    result: dict[str, torch.Tensor] = {}
+
+    def stop(_module, args, kwargs_or_out, out=None):
+        result["h"] = _first(out if out is not None else (args[0] if args else kwargs_or_out["hidden_states"]))
+        raise _StopForward
+
+    if layer == 0:
+        handle = spec.layers[0].register_forward_pre_hook(lambda m, a, k: stop(m, a, k), with_kwargs=True)
+    else:
+        handle = spec.layers[layer - 1].register_forward_hook(lambda m, a, o: stop(m, a, None, o))
+    try:
+        model(**inputs, use_cache=False)
+    except _StopForward:
+        pass
+    finally:
+        handle.remove()
+    return result["h"]
