@@ -51,12 +51,22 @@ SETTINGS = ("model", "final_norm", "components", "token_sample", "seed", "trunca
 
 @dataclass
 class ProfileResult:
-    """Tables of one run: `summary` (per layer × component), `tokens` (per token, or None), `meta`."""
+    """Tables of one run: `summary` (per layer × component), `tokens` (per token, or None), `meta`.
+
+    For a run on disk, `tokens` is read from `tokens.parquet` on first access (it can be large).
+    """
 
     summary: pd.DataFrame
-    tokens: pd.DataFrame | None
     meta: dict
     out_dir: Path | None = None
+    _tokens: pd.DataFrame | None = None
+
+    @property
+    def tokens(self) -> pd.DataFrame | None:
+        path = self.out_dir / "tokens.parquet" if self.out_dir is not None else None
+        if self._tokens is None and path is not None and path.exists():
+            self._tokens = pd.read_parquet(path)
+        return self._tokens
 
 
 def check_components(components: Sequence[str] | None) -> tuple[str, ...]:
@@ -88,6 +98,7 @@ class _BatchConsumer:
             self.last_rows[component] = rows
             return
         rows = x.detach().reshape(-1, x.shape[-1]).index_select(0, self.index.to(x.device))
+        rows = rows.to(self.decoder.weight.device)  # with device_map, blocks sit on several GPUs
         if component in COSINE_OF:
             self.cos[(layer, component)] = row_cosine(rows, self.last_rows[COSINE_OF[component]]).cpu()
         if component in self.decode:
@@ -150,7 +161,7 @@ def _profile_batch(model, spec, decoder, batch, pad_id, components, token_sample
         texts = {t: tokenizer.decode([int(t)]) for t in np.unique(token_ids)}
         ids["token"] = np.array([texts[t] for t in token_ids], dtype=object)
         head = pd.DataFrame(ids)
-        tokens = pd.concat([pd.concat([head, block], axis=1) for block in blocks], ignore_index=True)
+        tokens = _sort_tokens([pd.concat([head, block], axis=1) for block in blocks])
     return pd.DataFrame(sums), tokens, n
 
 
@@ -177,12 +188,27 @@ def summarize(sums: pd.DataFrame) -> pd.DataFrame:
 
 
 def _sort_tokens(parts: list[pd.DataFrame]) -> pd.DataFrame:
-    """One per-token table in a stable order: record, position, then layer and forward order."""
+    """One batch's per-token table in a stable order: record, position, then layer and forward order."""
     tokens = pd.concat(parts, ignore_index=True)
     rank = tokens["component"].map({c: i for i, c in enumerate(ORDER)})
     order = np.lexsort((rank.to_numpy(), tokens["layer"].to_numpy(), tokens["position"].to_numpy(),
                         tokens["record_id"].to_numpy().astype(str)))
     return tokens.iloc[order].reset_index(drop=True)
+
+
+def _concat_parquet(parts: list[Path], target: Path) -> None:
+    """Append parquet shards into one file one at a time, so memory holds a single shard."""
+    import pyarrow.parquet as pq
+
+    writer = None
+    try:
+        for part in parts:
+            table = pq.read_table(part)
+            writer = writer or pq.ParquetWriter(target, table.schema)
+            writer.write_table(table)
+    finally:
+        if writer is not None:
+            writer.close()
 
 
 def _atomic_write(path: Path, write) -> None:
@@ -244,15 +270,14 @@ class _RunDir:
         sums = pd.concat([pd.read_parquet(self.shards / f"{n}.sums.parquet") for n in names], ignore_index=True)
         summary = summarize(sums)
         _atomic_write(self.path / "summary.csv", lambda p: summary.to_csv(p, index=False))
-        tokens = None
         if keep_tokens:
-            tokens = _sort_tokens([pd.read_parquet(self.shards / f"{n}.tokens.parquet") for n in names])
-            _atomic_write(self.path / "tokens.parquet", lambda p: tokens.to_parquet(p, index=False))
+            _atomic_write(self.path / "tokens.parquet",
+                          lambda p: _concat_parquet([self.shards / f"{n}.tokens.parquet" for n in names], p))
         n_records = sum(len(json.loads((self.shards / f"{n}.done").read_text())) for n in names)
         first = summary.iloc[0]
         meta = {**meta, "n_records": n_records, "n_tokens": int(first["n_tokens"]), "status": "complete"}
         _atomic_write(self.path / "run.json", lambda p: p.write_text(json.dumps(meta, indent=2)))
-        return ProfileResult(summary, tokens, meta, self.path)
+        return ProfileResult(summary, meta, self.path)
 
 
 def profile(
@@ -319,9 +344,9 @@ def profile(
     meta["seconds"] = round(time.perf_counter() - started, 3)
     if run is None:
         summary = summarize(pd.concat(all_sums, ignore_index=True))
-        tokens = _sort_tokens(all_tokens) if keep_tokens else None
+        tokens = pd.concat(all_tokens, ignore_index=True) if keep_tokens else None
         meta.update(n_records=len(examples), n_tokens=int(summary.iloc[0]["n_tokens"]), status="complete")
-        return ProfileResult(summary, tokens, meta)
+        return ProfileResult(summary, meta, _tokens=tokens)
     _barrier()
     result = run.finish(meta, keep_tokens) if rank == 0 else None
     _barrier()
@@ -333,10 +358,4 @@ def load_run(run_dir: str | Path) -> ProfileResult:
     path = Path(run_dir)
     if not (path / "summary.csv").exists():
         raise InputError(f"{path} holds no finished run (no summary.csv); run `internal-policy profile --out {path}`")
-    tokens_path = path / "tokens.parquet"
-    return ProfileResult(
-        summary=pd.read_csv(path / "summary.csv"),
-        tokens=pd.read_parquet(tokens_path) if tokens_path.exists() else None,
-        meta=json.loads((path / "run.json").read_text()),
-        out_dir=path,
-    )
+    return ProfileResult(pd.read_csv(path / "summary.csv"), json.loads((path / "run.json").read_text()), path)

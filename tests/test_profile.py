@@ -116,6 +116,22 @@ def test_stories_reference_values(stories):
     assert abs(lens.summary["entropy"].iloc[-1] - 1.324) < 6e-4
 
 
+@pytest.mark.parametrize("arch, per_layer", [("llama", 6), ("olmo2", 4), ("phi", 5)])
+def test_each_unique_tensor_is_decoded_once(arch, per_layer, tiny, monkeypatch):
+    """H_l is decoded once as output and input; OLMo2's attn_in is H_{l-1} and ffn_in is resid_mid;
+    Phi-2's FFN shares the attention's norm."""
+    model, tok = tiny(arch)
+    calls = []
+    real = Decoder.entropy
+    monkeypatch.setattr(Decoder, "entropy", lambda self, x: (calls.append(len(x)), real(self, x))[1])
+    res = profile(model, tok, RECORDS, batch_size=len(RECORDS), progress=False)
+    assert len(calls) == 1 + per_layer * describe(model).n_layers
+    assert set(calls) == {res.meta["n_tokens"]}
+    s = res.summary.set_index(["layer", "component"])["entropy"]
+    if arch == "olmo2":
+        assert s[(2, "attn_in")] == s[(1, "layer")] and s[(2, "ffn_in")] == s[(2, "resid_mid")]
+
+
 def test_padded_batches_equal_one_at_a_time(tiny):
     model, tok = tiny("gpt2")
     assert tok.pad_token is None  # the stories260K tokenizer has none: padding uses eos under the mask

@@ -20,6 +20,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--final-norm", action="store_true", help="apply the final norm before decoding (logit lens); "
                                                              "default: raw h·W_Uᵀ as in the paper")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    p.add_argument("--device-map", default=None, help="'auto' spreads a model too big for one GPU over all GPUs "
+                                                     "(accelerate); overrides --device")
     p.add_argument("--dtype", default="auto", help="auto, float32, bfloat16, float16 (entropy is fp32 anyway)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--components", default=None, help="comma-separated subset of "
@@ -66,7 +68,7 @@ def run(args: argparse.Namespace) -> int:
     records = read_jsonl(Path(str(source)))
     device = _init_distributed(args.device)
     hf_logging.disable_progress_bar()
-    model, tokenizer = load_model(args.model, dtype=args.dtype, device=device)
+    model, tokenizer = load_model(args.model, dtype=args.dtype, device=device, device_map=args.device_map)
     result = profile(
         model, tokenizer, records, components=components, final_norm=args.final_norm,
         batch_size=args.batch_size, truncate=args.truncate, token_sample=args.token_sample, seed=args.seed,
