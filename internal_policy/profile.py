@@ -91,10 +91,9 @@ class _BatchConsumer:
     def __call__(self, layer: int, component: str, x: torch.Tensor | None, alias: Site | None) -> None:
         if alias is not None:
             rows = self.last_rows[alias[1]]
-            if component in self.decode:
-                self.entropy[(layer, component)] = self.entropy.get(alias)
-                if self.entropy[(layer, component)] is None:
-                    self.entropy[(layer, component)] = self.decoder.entropy(rows)
+            if component in self.decode:  # reuse the alias's entropy; decode only if it was not needed
+                known = self.entropy.get(alias)
+                self.entropy[(layer, component)] = known if known is not None else self.decoder.entropy(rows).cpu()
             self.last_rows[component] = rows
             return
         rows = x.detach().reshape(-1, x.shape[-1]).index_select(0, self.index.to(x.device))
