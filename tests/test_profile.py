@@ -171,11 +171,13 @@ def test_prompt_response_positions(stories):
     assert [ids[p + 1] for p in positions] == response_ids
 
 
-def test_component_subset_keeps_deltas(stories):
-    model, tok = stories
+@pytest.mark.parametrize("arch, component", [("llama", "ffn"), ("olmo2", "attn"), ("olmo2", "ffn")])
+def test_component_subset_keeps_deltas(arch, component, tiny):
+    """A subset still decodes the inputs its ΔH needs, also where that input is an alias (OLMo2)."""
+    model, tok = tiny(arch)
     full = profile(model, tok, RECORDS, progress=False).summary
-    part = profile(model, tok, RECORDS, components=["ffn"], progress=False).summary
-    assert set(part["component"]) == {"ffn"}
+    part = profile(model, tok, RECORDS, components=[component], progress=False).summary
+    assert set(part["component"]) == {component}
     merged = part.merge(full, on=["layer", "component"], suffixes=("", "_full"))
     np.testing.assert_allclose(merged["delta"], merged["delta_full"], atol=1e-9)
 
