@@ -163,6 +163,28 @@ def segment(delta_ffn: Sequence[float], rel_tol: float = 0.05, abs_tol: float = 
     )
 
 
+def describe(stages: Stages) -> str:
+    """Human-readable table of ΔH_FFN, labels and stages, then the stage spans and the boundary layer."""
+    sign = {1: "+", 0: "0", -1: "-"}
+    lines = [
+        f"tolerance {stages.tolerance:.4g} nats = max({stages.rel_tol:g} x max|ΔH_FFN|, {stages.abs_tol:g}); "
+        f"min run {stages.min_run}",
+        "layer      ΔH_FFN  label  stage",
+    ]
+    for layer, (d, lab) in enumerate(zip(stages.delta_ffn, stages.labels), start=1):
+        lines.append(f"{layer:5d}  {d:10.4f}  {sign[lab]:>5}  {stages.stage_of(layer)}")
+    for name, (first, last) in stages.spans().items():
+        lines.append(f"{name:<13} layers {first}-{last}")
+    k = stages.boundary_layer
+    capped = " exploration reaches layer L, so capped at L-1;" if stages.exploration == (1, stages.n_layers) else ""
+    lines.append(
+        f"boundary layer: {k} (BuPO internal layer;{capped} 0-based HF block index {k - 1})"
+        if k is not None
+        else "boundary layer: none (no exploration stage; give BuPO an explicit internal layer)"
+    )
+    return "\n".join(lines)
+
+
 def ffn_delta(summary: pd.DataFrame) -> pd.Series:
     """ΔH_FFN per layer 1..L (index = layer) from a summary table (rows with component == "ffn")."""
     missing = {"layer", "component", "delta"} - set(summary.columns)
