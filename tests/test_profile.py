@@ -1,0 +1,235 @@
+"""Profiling runs against an independent per-record float64 computation, and run-folder mechanics."""
+
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from conftest import ARCHITECTURES
+from internal_policy.data import tokenize_records
+from internal_policy.entropy import Decoder
+from internal_policy.lens_bridge import boot_bridge, extract_with_bridge
+from internal_policy.models import default_model_path, describe
+from internal_policy.profile import load_run, profile
+
+RECORDS = [
+    {"id": "a", "text": "Once upon a time, there was a little dog who liked to run."},
+    {"id": "b", "text": "Lily had a red ball."},
+    {"id": "c", "prompt": "Tom saw a big", "response": " tree in the park and he climbed it."},
+    {"id": "d", "prompt": "The sun was", "response": " hot."},
+    {"id": "e", "text": "One day, a cat and a bird became friends and played together in the garden all day long."},
+]
+KEY = ["record_id", "position", "layer", "component"]
+
+
+def _entropy64(h, w, b):
+    z = h.double() @ w.double().T + (0 if b is None else b.double())
+    logp = torch.log_softmax(z, dim=-1)
+    return -(logp.exp() * logp).sum(-1)
+
+
+def _cos64(a, b):
+    a, b = a.double(), b.double()
+    return (a * b).sum(-1) / (a.norm(dim=-1) * b.norm(dim=-1))
+
+
+def hf_hook_sites(model, ids):
+    """Plain HF forward hooks on a Llama-layout model (independent of internal_policy.capture)."""
+    sites, layers = {}, model.model.layers
+    hooks = [layers[0].register_forward_pre_hook(lambda m, a, k: sites.__setitem__((0, "layer"), (a or [k["hidden_states"]])[0]), with_kwargs=True)]
+    for i, blk in enumerate(layers):
+        l = i + 1
+        hooks += [
+            blk.input_layernorm.register_forward_hook(lambda m, a, o, l=l: sites.__setitem__((l, "attn_in"), o)),
+            blk.self_attn.register_forward_hook(lambda m, a, o, l=l: sites.__setitem__((l, "attn"), o[0])),
+            blk.post_attention_layernorm.register_forward_hook(lambda m, a, o, l=l: sites.__setitem__((l, "ffn_in"), o)),
+            blk.mlp.register_forward_hook(lambda m, a, o, l=l: sites.__setitem__((l, "ffn"), o)),
+            blk.register_forward_hook(lambda m, a, o, l=l: sites.__setitem__((l, "layer"), o[0] if isinstance(o, tuple) else o)),
+        ]
+    with torch.no_grad():
+        model(ids)
+    for h in hooks:
+        h.remove()
+    for l in range(1, len(layers) + 1):
+        sites[(l, "resid_mid")] = sites[(l - 1, "layer")] + sites[(l, "attn")]
+    return sites
+
+
+def reference_tokens(model, tokenizer, records, sites_of):
+    """One record at a time, no padding, full float64 softmax per kept position."""
+    w, b = model.get_output_embeddings().weight, model.get_output_embeddings().bias
+    rows = []
+    for ex in tokenize_records(records, tokenizer):
+        ids = torch.tensor([ex.input_ids])
+        sites = {k: v[0, ex.start : ex.stop] for k, v in sites_of(ids).items()}
+        ent = {k: _entropy64(v, w, b) for k, v in sites.items()}
+        for (layer, comp), h in ent.items():
+            delta = cos = torch.full_like(h, float("nan"))
+            if comp == "layer" and layer > 0:
+                delta = h - ent[(layer - 1, "layer")]
+            if comp in ("attn", "ffn"):
+                delta = h - ent[(layer, comp + "_in")]
+                other = sites[(layer - 1, "layer")] if comp == "attn" else sites[(layer, "resid_mid")]
+                cos = _cos64(sites[(layer, comp)], other)
+            for j, pos in enumerate(range(ex.start, ex.stop)):
+                rows.append((ex.record_id, pos, layer, comp, h[j].item(), delta[j].item(), cos[j].item()))
+    return pd.DataFrame(rows, columns=KEY + ["entropy", "delta", "cos_resid"])
+
+
+def assert_tokens_match(ours, ref, atol=1e-4):
+    merged = ref.merge(ours, on=KEY, how="outer", suffixes=("_ref", ""), indicator=True)
+    assert (merged["_merge"] == "both").all(), merged[merged["_merge"] != "both"].head()
+    for col in ("entropy", "delta", "cos_resid"):
+        a, b = merged[col].to_numpy(float), merged[col + "_ref"].to_numpy(float)
+        assert (np.isnan(a) == np.isnan(b)).all(), col
+        ok = ~np.isnan(a)
+        assert np.abs(a[ok] - b[ok]).max() <= atol, (col, np.abs(a[ok] - b[ok]).max())
+
+
+def test_stories_matches_plain_hf_hooks(stories):
+    model, tok = stories
+    res = profile(model, tok, RECORDS, batch_size=3, progress=False)
+    ref = reference_tokens(model, tok, RECORDS, lambda ids: hf_hook_sites(model, ids))
+    assert_tokens_match(res.tokens, ref)
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_every_architecture_matches_bridge_reference(arch, tiny, tiny_model_dir):
+    model, tok = tiny(arch)
+    bridge = boot_bridge(tiny_model_dir(arch))
+    res = profile(model, tok, RECORDS, batch_size=2, progress=False)
+    ref = reference_tokens(model, tok, RECORDS, lambda ids: extract_with_bridge(bridge, ids))
+    assert_tokens_match(res.tokens, ref)
+
+
+def test_stories_reference_values(stories):
+    """Raw-decoding entropies documented for stories260K (shared/models/README.md)."""
+    model, tok = stories
+    text = [{"text": "The little girl was happy because she found her red ball in the park."}]
+    res = profile(model, tok, text, components=["layer"], progress=False)
+    layers = res.summary.set_index("layer")["entropy"]
+    assert res.meta["n_tokens"] == 28
+    np.testing.assert_allclose(layers.to_numpy(), [5.440, 4.229, 3.982, 3.593, 2.775, 1.508], atol=6e-4)
+    lens = profile(model, tok, text, components=["layer"], final_norm=True, progress=False)
+    assert abs(lens.summary["entropy"].iloc[-1] - 1.324) < 6e-4
+
+
+def test_padded_batches_equal_one_at_a_time(tiny):
+    model, tok = tiny("gpt2")
+    one = profile(model, tok, RECORDS, batch_size=1, progress=False).tokens
+    many = profile(model, tok, RECORDS, batch_size=5, progress=False).tokens
+    assert_tokens_match(many, one.rename(columns={}), atol=1e-4)
+
+
+def test_summary_is_the_token_mean(stories):
+    model, tok = stories
+    res = profile(model, tok, RECORDS, progress=False)
+    by_site = res.tokens.groupby(["layer", "component"])
+    for row in res.summary.itertuples():
+        group = by_site.get_group((row.layer, row.component))
+        assert row.n_tokens == len(group)
+        assert math.isclose(row.entropy, group["entropy"].mean(), abs_tol=1e-6)
+        assert math.isclose(row.entropy_std, group["entropy"].std(ddof=0), abs_tol=1e-5)
+        assert math.isclose(row.entropy_se, row.entropy_std / math.sqrt(row.n_tokens), rel_tol=1e-9)
+        if row.component in ("attn", "ffn") or (row.component == "layer" and row.layer > 0):
+            assert math.isclose(row.delta, group["delta"].mean(), abs_tol=1e-6)
+        else:
+            assert math.isnan(row.delta)
+    n_layers = describe(model).n_layers
+    assert len(res.summary) == 1 + 6 * n_layers
+
+
+def test_prompt_response_positions(stories):
+    model, tok = stories
+    rec = {"id": "pr", "prompt": "Lily looked at the", "response": " big tree."}
+    prompt_ids = tok(rec["prompt"])["input_ids"]
+    response_ids = tok(rec["response"], add_special_tokens=False)["input_ids"]
+    assert prompt_ids[0] == tok.bos_token_id
+    res = profile(model, tok, [rec], components=["layer"], progress=False)
+    positions = sorted(res.tokens["position"].unique())
+    assert positions == list(range(len(prompt_ids) - 1, len(prompt_ids) + len(response_ids) - 1))
+    ids = prompt_ids + response_ids
+    assert [ids[p + 1] for p in positions] == response_ids
+
+
+def test_component_subset_keeps_deltas(stories):
+    model, tok = stories
+    full = profile(model, tok, RECORDS, progress=False).summary
+    part = profile(model, tok, RECORDS, components=["ffn"], progress=False).summary
+    assert set(part["component"]) == {"ffn"}
+    merged = part.merge(full, on=["layer", "component"], suffixes=("", "_full"))
+    np.testing.assert_allclose(merged["delta"], merged["delta_full"], atol=1e-9)
+
+
+def test_token_sample_is_a_subset_with_standard_errors(stories):
+    model, tok = stories
+    full = profile(model, tok, RECORDS, progress=False)
+    half = profile(model, tok, RECORDS, token_sample=0.5, seed=3, progress=False)
+    assert half.meta["n_tokens"] < full.meta["n_tokens"]
+    assert_tokens_match(half.tokens, full.tokens[full.tokens.set_index(KEY).index.isin(half.tokens.set_index(KEY).index)])
+    s = half.summary
+    np.testing.assert_allclose(s["entropy_se"], s["entropy_std"] / np.sqrt(s["n_tokens"]))
+
+
+def test_interrupted_run_resumes_to_identical_results(stories, tmp_path, monkeypatch):
+    model, tok = stories
+    records = [{"id": f"r{i}", "text": r.get("text", "Once upon a time") + f" Day {i}."} for i, r in enumerate(RECORDS * 2)]
+    whole = profile(model, tok, records, batch_size=2, out_dir=tmp_path / "whole", progress=False)
+
+    calls = {"n": 0}
+    real = Decoder.entropy
+
+    def flaky(self, x):
+        calls["n"] += 1
+        if calls["n"] == 40:
+            raise KeyboardInterrupt("killed")
+        return real(self, x)
+
+    monkeypatch.setattr(Decoder, "entropy", flaky)
+    with pytest.raises(KeyboardInterrupt):
+        profile(model, tok, records, batch_size=2, out_dir=tmp_path / "cut", progress=False)
+    done = list((tmp_path / "cut" / "shards").glob("*.done"))
+    assert 0 < len(done) < 5 and not (tmp_path / "cut" / "summary.csv").exists()
+    monkeypatch.setattr(Decoder, "entropy", real)
+    with pytest.raises(Exception, match="--resume"):
+        profile(model, tok, records, batch_size=2, out_dir=tmp_path / "cut", progress=False)
+    calls["n"] = 0
+    monkeypatch.setattr(Decoder, "entropy", lambda self, x: (calls.__setitem__("n", calls["n"] + 1), real(self, x))[1])
+    resumed = profile(model, tok, records, batch_size=2, out_dir=tmp_path / "cut", resume=True, progress=False)
+    per_batch = 1 + 6 * describe(model).n_layers - 2  # unique decodings per batch (aliases none here)
+    assert calls["n"] <= (5 - len(done)) * (per_batch + 2)
+    pd.testing.assert_frame_equal(resumed.summary, whole.summary, check_exact=False, atol=1e-12, rtol=0)
+    pd.testing.assert_frame_equal(resumed.tokens, whole.tokens)
+    pd.testing.assert_frame_equal(load_run(tmp_path / "cut").summary, load_run(tmp_path / "whole").summary)
+    with pytest.raises(Exception, match="settings differ"):
+        profile(model, tok, records, final_norm=True, out_dir=tmp_path / "cut", resume=True, progress=False)
+
+
+def _rank_main(rank, world, init_file, out_dir):
+    import torch.distributed as dist
+
+    from internal_policy.models import load_model
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    model, tok = load_model()
+    profile(model, tok, RECORDS, batch_size=2, out_dir=out_dir, progress=False)
+    dist.destroy_process_group()
+
+
+def test_two_process_merge_equals_single_process(stories, tmp_path):
+    import torch.multiprocessing as mp
+
+    model, tok = stories
+    single = profile(model, tok, RECORDS, batch_size=2, progress=False)
+    mp.spawn(_rank_main, args=(2, str(tmp_path / "pg"), str(tmp_path / "run")), nprocs=2, join=True)
+    merged = load_run(tmp_path / "run")
+    assert merged.meta["n_records"] == len(RECORDS) and merged.meta["world_size"] == 2
+    # ranks batch records differently, so per-token values differ by float rounding only
+    means = [c for c in single.summary.columns if not c.endswith(("_sum", "_sumsq"))]
+    pd.testing.assert_frame_equal(merged.summary[means], single.summary[means], check_exact=False, atol=1e-6, rtol=0)
+    assert_tokens_match(merged.tokens, single.tokens, atol=1e-5)
+    by_site = merged.tokens.groupby(["layer", "component"], sort=False)["entropy"]
+    np.testing.assert_allclose(merged.summary["entropy"], by_site.mean().reindex(
+        pd.MultiIndex.from_frame(merged.summary[["layer", "component"]])).to_numpy(), atol=1e-6)
