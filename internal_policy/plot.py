@@ -11,7 +11,7 @@ Layers are numbered as in the paper: 1..L, 0 = the embedding output.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from functools import cache
@@ -178,15 +178,16 @@ def _shade_stages(ax, stages: Stages, label: bool) -> None:
                    gid=f"stage:{name}", label=f"{name} stage" if label else None)
 
 
-def _mark_boundary(ax, run: Run, colour, text: bool) -> None:
-    """Dotted vertical line at the boundary layer (gid "boundary:<label>"), annotated once."""
-    k = run.stages.boundary_layer if run.stages else None
+def _mark_boundary(ax, stages: Stages | None, label: str, colour, text: bool) -> None:
+    """Dotted vertical line at the boundary layer (gid "boundary:<label>"), annotated if `text`."""
+    k = stages.boundary_layer if stages else None
     if k is None:
         return
-    ax.axvline(k, color=colour, ls=(0, (1, 1.5)), lw=1.6, gid=f"boundary:{run.label}")
+    ax.axvline(k, color=colour, ls=(0, (1, 1.5)), lw=1.6, gid=f"boundary:{label}")
     if text:
-        ax.annotate(f"boundary layer {k}", (k, 1), xycoords=("data", "axes fraction"), xytext=(3, -3),
-                    textcoords="offset points", va="top", fontsize=8, color=colour)
+        left = k > 0.6 * stages.n_layers  # write on the side with room, so the text stays inside the axes
+        ax.annotate(f"boundary layer {k}", (k, 1), xycoords=("data", "axes fraction"), xytext=(-3 if left else 3, -3),
+                    textcoords="offset points", ha="right" if left else "left", va="top", fontsize=8, color=colour)
 
 
 def _panels(runs: list[Run], quantities: Sequence[tuple[str, str]], title: str, band_kind: str) -> Figure:
@@ -205,7 +206,7 @@ def _panels(runs: list[Run], quantities: Sequence[tuple[str, str]], title: str, 
                         gid=f"{comp}:{run.label}")
                 ax.fill_between(mean.index, mean - half, mean + half, color=colour, alpha=0.22, lw=0,
                                 gid=f"band:{comp}:{run.label}")
-                _mark_boundary(ax, run, colour, text=i == 0 and len(runs) == 1)
+                _mark_boundary(ax, run.stages, run.label, colour, text=i == 0 and len(runs) == 1)
             ax.set_ylabel(QUANTITY[(comp, column)])
             _layer_ticks(ax)
         axes[-1].set_xlabel(LAYER_AXIS)
@@ -252,6 +253,35 @@ def compare_figure(
         grid[-1, 1].set_xlabel(DEPTH_AXIS)
         fig.suptitle("Model comparison: absolute layer (left) and normalised depth (right)")
         _legend(fig, grid.ravel())
+    return fig
+
+
+def stages_figure(curves: Mapping[str, Stages], ncols: int = 2) -> Figure:
+    """ΔH_FFN curves with their EIC segmentation: ≈ 0 tolerance band, shaded stages, boundary layer.
+
+    One panel per named :class:`Stages` (e.g. several models, or hand-made curves), to check the rule.
+    """
+    if not curves:
+        raise InputError("no stage segmentations to plot")
+    nrows = -(-len(curves) // ncols)
+    with _style():
+        fig = Figure(figsize=(4.6 * ncols, 2.7 * nrows + 0.7), layout="constrained")
+        axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
+        colour = _colours(1)[0]
+        for ax, (name, st) in zip(axes, curves.items()):
+            _shade_stages(ax, st, label=True)
+            layers = np.arange(1, st.n_layers + 1)
+            ax.axhspan(-st.tolerance, st.tolerance, color="0.5", alpha=0.25, lw=0, gid="tolerance",
+                       label="≈ 0 band (± tolerance)")
+            ax.axhline(0, ls="--", color="0.25", lw=0.9, gid="zero")
+            ax.plot(layers, st.delta_ffn, marker="o", ms=3.5, color=colour, label="ΔH_FFN", gid=f"ffn:{name}")
+            _mark_boundary(ax, st, name, "0.2", text=True)
+            ax.set(title=name, ylabel="ΔH_FFN (nats)", xlabel=LAYER_AXIS)
+            _layer_ticks(ax)
+        for ax in axes[len(curves):]:
+            ax.set_axis_off()
+        fig.suptitle("EIC stages of ΔH_FFN and the BuPO boundary layer")
+        _legend(fig, axes[: len(curves)])
     return fig
 
 
@@ -309,11 +339,13 @@ def heatmap_figure(
     return fig
 
 
-def save_figure(fig: Figure, out_dir: str | Path, name: str, dpi: int = 150) -> list[Path]:
-    """Write `fig` as OUT_DIR/NAME.png (dpi 150) and OUT_DIR/NAME.pdf; return both paths."""
+def save_figure(
+    fig: Figure, out_dir: str | Path, name: str, dpi: int = 150, formats: Sequence[str] = ("png", "pdf")
+) -> list[Path]:
+    """Write `fig` as OUT_DIR/NAME.png (dpi 150) and OUT_DIR/NAME.pdf by default; return the paths."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    paths = [out_dir / f"{name}.png", out_dir / f"{name}.pdf"]
+    paths = [out_dir / f"{name}.{ext}" for ext in formats]
     for path in paths:
         fig.savefig(path, dpi=dpi)
     return paths
@@ -379,5 +411,5 @@ def plot_run(run_dir: str | Path, out_dir: str | Path | None = None, kinds: Sequ
 
 __all__ = [
     "KINDS", "Run", "band", "compare_figure", "cosine_figure", "delta_figure", "flow_figure",
-    "heatmap_figure", "load_run", "plot_run", "plot_runs", "save_figure", "series", "token_label",
+    "heatmap_figure", "load_run", "plot_run", "plot_runs", "save_figure", "series", "stages_figure", "token_label",
 ]

@@ -24,6 +24,7 @@ from internal_policy.plot import (
     load_run,
     plot_run,
     plot_runs,
+    stages_figure,
     token_label,
 )
 from internal_policy.stages import segment
@@ -164,6 +165,24 @@ def test_heatmap_cells_and_token_labels(tokens):
     assert mesh.get_clim() == pytest.approx((0, np.log(512)))
     with pytest.raises(InputError, match="no 'layer' rows for record 'nope'"):
         heatmap_figure(tokens, record_id="nope")
+
+
+def test_stages_figure_panels_band_and_boundary():
+    curves = {"eic": segment(EIC), "flat then down": segment(np.r_[np.zeros(4), -1.0, -2.0]), "up": segment([1.0, 0.5])}
+    fig = stages_figure(curves)
+    assert sum(ax.axison for ax in fig.axes) == 3  # 2 x 2 grid, the fourth panel hidden
+    for ax, (name, st) in zip(fig.axes, curves.items()):
+        assert ax.get_title() == name and ax.get_ylabel() == "ΔH_FFN (nats)"
+        (line,) = [a for a in ax.get_children() if a.get_gid() == f"ffn:{name}"]
+        np.testing.assert_allclose(line.get_ydata(), st.delta_ffn)
+        (tol,) = [a for a in ax.get_children() if a.get_gid() == "tolerance"]
+        assert (tol.get_y(), tol.get_y() + tol.get_height()) == pytest.approx((-st.tolerance, st.tolerance))
+        shaded = {a.get_gid()[6:]: (round(a.get_x() + 0.5, 9), round(a.get_x() + a.get_width() - 0.5, 9))
+                  for a in ax.get_children() if (a.get_gid() or "").startswith("stage:")}
+        assert shaded == st.spans()
+        marks = [a.get_xdata()[0] for a in ax.get_children() if a.get_gid() == f"boundary:{name}"]
+        assert marks == ([st.boundary_layer] if st.boundary_layer else [])
+    assert [curves[n].boundary_layer for n in curves] == [3, None, 1]
 
 
 def test_token_label_escapes():
