@@ -325,7 +325,7 @@ def heatmap_figure(
     grid = grid.iloc[:, :max_positions]
     words = rows.drop_duplicates("position").set_index("position")["token"].astype(str)
     with _style():
-        fig = Figure(figsize=(min(2.5 + 0.17 * grid.shape[1], 22), 1.6 + 0.32 * len(grid)), layout="constrained")
+        fig = Figure(figsize=(min(2.5 + 0.17 * grid.shape[1], 22), 1.9 + 0.24 * len(grid)), layout="constrained")
         ax = fig.add_subplot()
         sns.heatmap(grid, ax=ax, cmap="viridis", vmin=0, vmax=np.log(vocab_size) if vocab_size else None,
                     cbar_kws={"label": "entropy (nats)", "pad": 0.01}, linewidths=0)
