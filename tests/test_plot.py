@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import json
 
+import matplotlib as mpl
 import numpy as np
-import pandas as pd
 import pytest
 from helpers_plot import summarise, synthetic_tokens, write_run
-from matplotlib.collections import PolyCollection
 
 from internal_policy.cli import main
 from internal_policy.errors import InputError
@@ -60,7 +59,9 @@ def run(tokens):
 
 def test_flow_one_line_per_model_with_3L_plus_1_points(run):
     other = Run(summarise(synthetic_tokens(n_layers=5, seed=9)), label="five", vocab_size=1000)
+    before = dict(mpl.rcParams)
     fig = flow_figure([run, other])
+    assert dict(mpl.rcParams) == before  # the seaborn style stays local to the figure
     for r in (run, other):
         (line,) = by_gid(fig, f"flow:{r.label}")
         x, y = line.get_data()
