@@ -3,16 +3,19 @@
 Layers are numbered as in the paper (arXiv 2512.19673): 1..L, with 0 for the embedding output.
 """
 
+__version__ = "0.1.0"
+
 from .capture import COMPONENTS, capture, extract, forward_until
 from .entropy import Decoder, entropy_from_logits
 from .models import ModelSpec, UnsupportedModelError, describe, load_model
+from .profile import ProfileResult, load_run, profile
 
-__version__ = "0.1.0"
 
 __all__ = [
     "COMPONENTS",
     "Decoder",
     "ModelSpec",
+    "ProfileResult",
     "UnsupportedModelError",
     "capture",
     "describe",
@@ -20,4 +23,6 @@ __all__ = [
     "extract",
     "forward_until",
     "load_model",
+    "load_run",
+    "profile",
 ]

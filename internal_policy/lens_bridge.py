@@ -9,7 +9,8 @@ copy: from the model folder, or from a deep copy of an in-memory model.
 
 Component mapping where the bridge has no dedicated hook: OLMo2 has no pre-norms, so
 `attn_in` = `hook_resid_pre` and `ffn_in` = `hook_resid_mid`; parallel-residual blocks (GPT-NeoX)
-have no `hook_resid_mid`, so `resid_mid` = `hook_resid_pre + hook_attn_out`.
+have no `hook_resid_mid`, so `resid_mid` = `hook_resid_pre + hook_attn_out`, and those with one
+shared norm (GPT-J, Phi-2, Cohere) no `ln2`, so their FFN input is `ln1.hook_out`.
 """
 
 from __future__ import annotations
@@ -46,11 +47,12 @@ def extract_with_bridge(
 
     for i in range(bridge.cfg.n_layers):
         pre, attn = cache[f"blocks.{i}.hook_resid_pre"], cache[f"blocks.{i}.hook_attn_out"]
-        mid = get(f"blocks.{i}.hook_resid_mid", pre + attn)
+        parallel = f"blocks.{i}.hook_resid_mid" not in cache
+        mid = pre + attn if parallel else cache[f"blocks.{i}.hook_resid_mid"]
         found[(i + 1, "layer")] = cache[f"blocks.{i}.hook_resid_post"]
-        found[(i + 1, "attn_in")] = get(f"blocks.{i}.ln1.hook_out", pre)
+        found[(i + 1, "attn_in")] = attn_in = get(f"blocks.{i}.ln1.hook_out", pre)
         found[(i + 1, "attn")] = attn
         found[(i + 1, "resid_mid")] = mid
-        found[(i + 1, "ffn_in")] = get(f"blocks.{i}.ln2.hook_out", mid)
+        found[(i + 1, "ffn_in")] = get(f"blocks.{i}.ln2.hook_out", attn_in if parallel else mid)
         found[(i + 1, "ffn")] = cache[f"blocks.{i}.hook_mlp_out"]
     return {site: x for site, x in found.items() if site[1] in components}

@@ -41,6 +41,10 @@ def _configs():
         "gpt_neox": lambda: tf.GPTNeoXConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=3,
                                              num_attention_heads=4, max_position_embeddings=256,
                                              use_parallel_residual=True, **COMMON),
+        "gptj": lambda: tf.GPTJConfig(n_embd=64, n_layer=3, n_head=4, rotary_dim=8, n_positions=256, **COMMON),
+        "phi": lambda: tf.PhiConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
+                                    max_position_embeddings=256, **COMMON),
+        "cohere": lambda: tf.CohereConfig(logit_scale=0.5, **llama_like),
     }
 
 

@@ -48,18 +48,25 @@ def _init_distributed(device: str | None) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    from transformers.utils import logging as hf_logging
+
     from ..data import read_jsonl
     from ..errors import InputError
-    from ..models import load_model
-    from ..profile import profile
+    from ..models import load_model, resolve_dtype
+    from ..profile import check_components, profile
 
     if args.batch_size < 1:
         raise InputError(f"--batch-size must be at least 1, got {args.batch_size}")
+    components = check_components(args.components.split(",") if args.components else None)
+    try:
+        resolve_dtype(args.dtype)
+    except ValueError as err:
+        raise InputError(str(err)) from None
     source = args.input or resources.files("internal_policy") / "assets" / "samples" / SAMPLE_INPUT
     records = read_jsonl(Path(str(source)))
     device = _init_distributed(args.device)
+    hf_logging.disable_progress_bar()
     model, tokenizer = load_model(args.model, dtype=args.dtype, device=device)
-    components = args.components.split(",") if args.components else None
     result = profile(
         model, tokenizer, records, components=components, final_norm=args.final_norm,
         batch_size=args.batch_size, truncate=args.truncate, token_sample=args.token_sample, seed=args.seed,
