@@ -44,9 +44,8 @@ def synthetic_tokens(
                 }
                 cos = {"attn": rng.uniform(-1, 1), "ffn": rng.uniform(-1, 1)}
                 for comp in COMPONENTS:
-                    rows.append(
-                        (f"rec{r}", pos, token_id, token, layer, comp, ent[comp], delta.get(comp, np.nan), cos.get(comp, np.nan))
-                    )
+                    values = (ent[comp], delta.get(comp, np.nan), cos.get(comp, np.nan))
+                    rows.append((f"rec{r}", pos, token_id, token, layer, comp, *values))
                 h_prev = ent["layer"]
     cols = ["record_id", "position", "token_id", "token", "layer", "component", "entropy", "delta", "cos_resid"]
     return pd.DataFrame(rows, columns=cols)
