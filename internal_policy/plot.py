@@ -178,16 +178,22 @@ def _shade_stages(ax, stages: Stages, label: bool) -> None:
                    gid=f"stage:{name}", label=f"{name} stage" if label else None)
 
 
-def _mark_boundary(ax, stages: Stages | None, label: str, colour, text: bool) -> None:
-    """Dotted vertical line at the boundary layer (gid "boundary:<label>"), annotated if `text`."""
-    k = stages.boundary_layer if stages else None
-    if k is None:
-        return
-    ax.axvline(k, color=colour, ls=(0, (1, 1.5)), lw=1.6, gid=f"boundary:{label}")
-    if text:
-        left = k > 0.6 * stages.n_layers  # write on the side with room, so the text stays inside the axes
-        ax.annotate(f"boundary layer {k}", (k, 1), xycoords=("data", "axes fraction"), xytext=(-3 if left else 3, -3),
-                    textcoords="offset points", ha="right" if left else "left", va="top", fontsize=8, color=colour)
+BOUNDARY_STYLE = dict(ls=(0, (1, 1.5)), lw=1.6)
+
+
+def _mark_boundary(ax, stages: Stages | None, label: str, colour) -> None:
+    """Dotted vertical line at the boundary layer (gid "boundary:<label>"); its number goes in legend or title."""
+    if stages and stages.boundary_layer is not None:
+        ax.axvline(stages.boundary_layer, color=colour, gid=f"boundary:{label}", **BOUNDARY_STYLE)
+
+
+def _boundary_key(runs: list[Run]) -> list[Line2D]:
+    """Legend entry for the boundary lines: with its layer number for one run, colour = model for several."""
+    ks = [r.stages.boundary_layer for r in runs if r.stages and r.stages.boundary_layer is not None]
+    if not ks:
+        return []
+    text = f"boundary layer {ks[0]} (BuPO)" if len(runs) == 1 else "boundary layer (BuPO; colour = model)"
+    return [Line2D([], [], color="0.3", label=text, **BOUNDARY_STYLE)]
 
 
 def _panels(runs: list[Run], quantities: Sequence[tuple[str, str]], title: str, band_kind: str) -> Figure:
@@ -206,14 +212,13 @@ def _panels(runs: list[Run], quantities: Sequence[tuple[str, str]], title: str, 
                         gid=f"{comp}:{run.label}")
                 ax.fill_between(mean.index, mean - half, mean + half, color=colour, alpha=0.22, lw=0,
                                 gid=f"band:{comp}:{run.label}")
-                _mark_boundary(ax, run.stages, run.label, colour, text=i == 0 and len(runs) == 1)
+                _mark_boundary(ax, run.stages, run.label, colour)
             ax.set_ylabel(QUANTITY[(comp, column)])
             _layer_ticks(ax)
         axes[-1].set_xlabel(LAYER_AXIS)
         what = "95 % CI of the mean over tokens" if band_kind == "ci" else "± 1 std over tokens"
         fig.suptitle(f"{title} (bands: {what})")
-        boundary = [Line2D([], [], color="0.3", ls=(0, (1, 1.5)), label="boundary layer (BuPO)")]
-        _legend(fig, axes, boundary if any(r.stages and r.stages.boundary_layer for r in runs) else ())
+        _legend(fig, axes, _boundary_key(runs))
     return fig
 
 
@@ -275,13 +280,16 @@ def stages_figure(curves: Mapping[str, Stages], ncols: int = 2) -> Figure:
                        label="≈ 0 band (± tolerance)")
             ax.axhline(0, ls="--", color="0.25", lw=0.9, gid="zero")
             ax.plot(layers, st.delta_ffn, marker="o", ms=3.5, color=colour, label="ΔH_FFN", gid=f"ffn:{name}")
-            _mark_boundary(ax, st, name, "0.2", text=True)
-            ax.set(title=name, ylabel="ΔH_FFN (nats)", xlabel=LAYER_AXIS)
+            _mark_boundary(ax, st, name, "0.2")
+            k = st.boundary_layer
+            ax.set(title=f"{name}: boundary {k if k is not None else 'none'}", ylabel="ΔH_FFN (nats)",
+                   xlabel=LAYER_AXIS)
             _layer_ticks(ax)
         for ax in axes[len(curves):]:
             ax.set_axis_off()
         fig.suptitle("EIC stages of ΔH_FFN and the BuPO boundary layer")
-        _legend(fig, axes[: len(curves)])
+        key = [Line2D([], [], color="0.2", label="boundary layer (BuPO)", **BOUNDARY_STYLE)]
+        _legend(fig, axes[: len(curves)], key)
     return fig
 
 

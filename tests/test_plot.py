@@ -107,7 +107,7 @@ def test_delta_lines_bands_zero_line_stages_and_boundary(run):
         for p in patches:
             assert (p.get_x(), p.get_x() + p.get_width()) == pytest.approx((first - 0.5, last + 0.5))
     assert [b.get_xdata()[0] for b in by_gid(fig, "boundary:tiny")] == [3, 3]
-    assert "exploration stage" in legend_texts(fig)
+    assert {"exploration stage", "boundary layer 3 (BuPO)"} <= set(legend_texts(fig))
     assert "95 % CI" in fig.get_suptitle()
 
 
@@ -173,7 +173,8 @@ def test_stages_figure_panels_band_and_boundary():
     fig = stages_figure(curves)
     assert sum(ax.axison for ax in fig.axes) == 3  # 2 x 2 grid, the fourth panel hidden
     for ax, (name, st) in zip(fig.axes, curves.items()):
-        assert ax.get_title() == name and ax.get_ylabel() == "ΔH_FFN (nats)"
+        assert ax.get_title() == f"{name}: boundary {st.boundary_layer or 'none'}"
+        assert ax.get_ylabel() == "ΔH_FFN (nats)"
         (line,) = [a for a in ax.get_children() if a.get_gid() == f"ffn:{name}"]
         np.testing.assert_allclose(line.get_ydata(), st.delta_ffn)
         (tol,) = [a for a in ax.get_children() if a.get_gid() == "tolerance"]
