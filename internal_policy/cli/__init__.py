@@ -12,7 +12,7 @@ import sys
 from ..errors import InputError
 from ..models import UnsupportedModelError
 
-COMMANDS = ("profile",)
+COMMANDS = ("profile", "plot", "stages")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,423 @@
+"""Paper-style figures from a profile run's tables: Fig. 2 (entropy flow), Fig. 3 (ΔH per module,
+with the EIC stages), Fig. 12 (residual cosines), a token × layer heatmap and a model comparison.
+
+A figure never recomputes entropies: it reads the summary / tokens tables of a run folder
+(``summary.csv``, ``tokens.parquet``, ``run.json``, ``stages.json``). Figures are built with
+``matplotlib.figure.Figure`` (no pyplot, so no global state and no GUI backend; PNG/PDF are written
+by Agg), styled inside a local seaborn context: "whitegrid", DejaVu Sans, the colour-blind palette.
+Layers are numbered as in the paper: 1..L, 0 = the embedding output.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
+from functools import cache
+from pathlib import Path
+
+import matplotlib as mpl
+import numpy as np
+import pandas as pd
+import seaborn as sns
+from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
+from matplotlib.ticker import MaxNLocator
+
+from .errors import InputError
+from .stages import Stages, read_summary, run_stages
+
+KINDS = ("flow", "delta", "cosine", "heatmap", "compare")
+LAYER_AXIS = "layer (1..L; 0 = embedding)"
+DEPTH_AXIS = "normalised depth (layer / L)"
+FONT = "DejaVu Sans"
+PALETTE = "colorblind"
+STAGE_COLOURS = {"exploration": 1, "integration": 7, "convergence": 2}
+"""Index into the colour-blind palette for each EIC stage's shading (orange, grey, green)."""
+QUANTITY = {
+    ("layer", "entropy"): "entropy of H_l (nats)",
+    ("attn", "delta"): "ΔH_ATTN (nats)",
+    ("ffn", "delta"): "ΔH_FFN (nats)",
+    ("attn", "cos_resid"): "cos(A_l, H_{l-1})",
+    ("ffn", "cos_resid"): "cos(F_l, H_{l-1} + A_l)",
+}
+"""Axis label of each plotted (component, summary column)."""
+
+
+@dataclass(frozen=True)
+class Run:
+    """One profile run as the figures see it: its summary table plus what labels and marks need."""
+
+    summary: pd.DataFrame
+    label: str = "model"
+    vocab_size: int | None = None
+    stages: Stages | None = None
+    tokens_path: Path | None = None
+
+    @property
+    def n_layers(self) -> int:
+        """L (the largest layer number in the summary)."""
+        return int(self.summary["layer"].max())
+
+    def tokens(self) -> pd.DataFrame:
+        """The per-token table (tokens.parquet), read on demand: it can be large."""
+        if self.tokens_path is None or not self.tokens_path.is_file():
+            raise InputError(f"run '{self.label}' has no tokens.parquet; re-run profile without --no-tokens")
+        return pd.read_parquet(self.tokens_path)
+
+
+def load_run(run_dir: str | Path) -> Run:
+    """Read a run folder for plotting (summary, run.json, stages.json written if missing; tokens lazily).
+
+    Unlike ``profile.load_run`` this neither imports torch nor reads tokens.parquet up front.
+    """
+    run_dir = Path(run_dir)
+    summary = read_summary(run_dir)
+    meta_path = run_dir / "run.json"
+    meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
+    has_ffn = bool((summary["component"] == "ffn").any())
+    return Run(
+        summary=summary,
+        label=Path(str(meta.get("model") or run_dir.name)).name,
+        vocab_size=meta.get("vocab_size"),
+        stages=run_stages(run_dir) if has_ffn else None,
+        tokens_path=run_dir / "tokens.parquet",
+    )
+
+
+def _as_runs(runs: Run | pd.DataFrame | Sequence[Run | pd.DataFrame]) -> list[Run]:
+    """Accept one run, one summary table, or a sequence of either."""
+    items = [runs] if isinstance(runs, (Run, pd.DataFrame)) else list(runs)
+    if not items:
+        raise InputError("no runs to plot")
+    return [r if isinstance(r, Run) else Run(summary=r, label=f"run {i + 1}") for i, r in enumerate(items)]
+
+
+def series(summary: pd.DataFrame, component: str, column: str) -> pd.Series:
+    """One summary column for one component, indexed by layer (the values a figure plots)."""
+    rows = summary.loc[summary["component"] == component]
+    if rows.empty or column not in summary.columns:
+        raise InputError(f"summary has no '{column}' for component '{component}'; profile with that component")
+    return rows.set_index("layer")[column].sort_index().astype(float)
+
+
+def band(summary: pd.DataFrame, component: str, column: str, kind: str = "ci") -> pd.Series:
+    """Half-width of the band around a mean: "ci" = 95 % CI of the mean over tokens (1.96·sd/√n), "std" = sd."""
+    if kind not in ("ci", "std"):
+        raise InputError(f"band must be 'ci' or 'std', got {kind!r}")
+    std = series(summary, component, f"{column}_std")
+    if kind == "std":
+        return std
+    return 1.96 * std / np.sqrt(series(summary, component, "n_tokens"))
+
+
+@contextmanager
+def _style() -> Iterator[None]:
+    """Local seaborn/matplotlib style: nothing leaks into the caller's rcParams."""
+    with mpl.rc_context({"font.family": FONT}), sns.axes_style("whitegrid"), sns.plotting_context("notebook", 0.85):
+        yield
+
+
+def _colours(n: int) -> list:
+    return sns.color_palette(PALETTE, max(n, 1))
+
+
+def _layer_ticks(ax) -> None:
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True, nbins=12))
+
+
+def _legend(fig: Figure, axes, extra: Sequence = ()) -> None:
+    """One legend for the figure, below the axes (clear of titles and data), without duplicate labels."""
+    handles: dict[str, object] = {}
+    for ax in axes:
+        for h, lab in zip(*ax.get_legend_handles_labels()):
+            handles.setdefault(lab, h)
+    for h in extra:
+        handles.setdefault(h.get_label(), h)
+    if handles:
+        fig.legend(list(handles.values()), list(handles.keys()), loc="outside lower center", frameon=False,
+                   ncols=min(len(handles), 3))
+
+
+def flow_figure(runs: Run | pd.DataFrame | Sequence[Run | pd.DataFrame]) -> Figure:
+    """Fig. 2: H(H_{l-1}), H(A_l), H(F_l), H(H_l) for every layer, one connected line per model.
+
+    Each line has 3L + 1 points: H_0 at x = 0, then A_l, F_l, H_l at x = l - 2/3, l - 1/3, l
+    (H_{l-1} of layer l is the H_l point of layer l - 1). ln|V| is drawn where the vocabulary is known.
+    """
+    runs = _as_runs(runs)
+    markers = {"layer": ("o", "layer output H_l"), "attn": ("^", "attention A_l"), "ffn": ("s", "FFN F_l")}
+    with _style():
+        fig = Figure(figsize=(8.5, 4.2), layout="constrained")
+        ax = fig.add_subplot()
+        for run, colour in zip(runs, _colours(len(runs))):
+            h, a, f = (series(run.summary, c, "entropy") for c in ("layer", "attn", "ffn"))
+            layers = np.arange(1, run.n_layers + 1)
+            x = np.r_[0.0, np.column_stack([layers - 2 / 3, layers - 1 / 3, layers]).ravel()]
+            y = np.r_[h[0], np.column_stack([a[layers], f[layers], h[layers]]).ravel()]
+            ax.plot(x, y, color=colour, lw=1.4, label=run.label, gid=f"flow:{run.label}")
+            for k, comp in enumerate(("layer", "attn", "ffn")):
+                pts = slice(0, None, 3) if comp == "layer" else slice(k, None, 3)
+                ax.scatter(x[pts], y[pts], marker=markers[comp][0], s=22, color=colour, zorder=3)
+        for v, colour in zip(sorted({r.vocab_size for r in runs if r.vocab_size}), ("0.35", "0.6", "0.8")):
+            ax.axhline(np.log(v), ls=":", color=colour, lw=1.2, label=f"ln|V| = {np.log(v):.2f} (|V| = {v:,})")
+        ax.set(xlabel=LAYER_AXIS, ylabel="entropy (nats)", title="Entropy flow through the layers (raw decoding)")
+        ax.set_ylim(bottom=0)
+        _layer_ticks(ax)
+        keys = [Line2D([], [], ls="", marker=m, color="0.3", label=lab) for m, lab in markers.values()]
+        _legend(fig, [ax], keys)
+    return fig
+
+
+def _shade_stages(ax, stages: Stages, label: bool) -> None:
+    """Shade each EIC stage from first - 0.5 to last + 0.5 (gid "stage:<name>")."""
+    palette = _colours(10)
+    for name, (first, last) in stages.spans().items():
+        ax.axvspan(first - 0.5, last + 0.5, color=palette[STAGE_COLOURS[name]], alpha=0.14, lw=0,
+                   gid=f"stage:{name}", label=f"{name} stage" if label else None)
+
+
+BOUNDARY_STYLE = dict(ls=(0, (1, 1.5)), lw=1.6)
+
+
+def _mark_boundary(ax, stages: Stages | None, label: str, colour) -> None:
+    """Dotted vertical line at the boundary layer (gid "boundary:<label>"); its number goes in legend or title."""
+    if stages and stages.boundary_layer is not None:
+        ax.axvline(stages.boundary_layer, color=colour, gid=f"boundary:{label}", **BOUNDARY_STYLE)
+
+
+def _boundary_key(runs: list[Run]) -> list[Line2D]:
+    """Legend entry for the boundary lines: with its layer number for one run, colour = model for several."""
+    ks = [r.stages.boundary_layer for r in runs if r.stages and r.stages.boundary_layer is not None]
+    if not ks:
+        return []
+    text = f"boundary layer {ks[0]} (BuPO)" if len(runs) == 1 else "boundary layer (BuPO; colour = model)"
+    return [Line2D([], [], color="0.3", label=text, **BOUNDARY_STYLE)]
+
+
+def _panels(runs: list[Run], quantities: Sequence[tuple[str, str]], title: str, band_kind: str) -> Figure:
+    """Stacked per-layer panels (one per quantity), mean line ± band per run, stages and boundary marked."""
+    shade = runs[0].stages if len(runs) == 1 else None
+    with _style():
+        fig = Figure(figsize=(8.5, 2.4 * len(quantities) + 0.6), layout="constrained")
+        axes = fig.subplots(len(quantities), 1, sharex=True, squeeze=False)[:, 0]
+        for i, (ax, (comp, column)) in enumerate(zip(axes, quantities)):
+            if shade:
+                _shade_stages(ax, shade, label=i == 0)
+            ax.axhline(0, ls="--", color="0.25", lw=0.9, gid="zero")
+            for run, colour in zip(runs, _colours(len(runs))):
+                mean, half = series(run.summary, comp, column), band(run.summary, comp, column, band_kind)
+                ax.plot(mean.index, mean.to_numpy(), marker="o", ms=3.5, color=colour, label=run.label,
+                        gid=f"{comp}:{run.label}")
+                ax.fill_between(mean.index, mean - half, mean + half, color=colour, alpha=0.22, lw=0,
+                                gid=f"band:{comp}:{run.label}")
+                _mark_boundary(ax, run.stages, run.label, colour)
+            ax.set_ylabel(QUANTITY[(comp, column)])
+            _layer_ticks(ax)
+        axes[-1].set_xlabel(LAYER_AXIS)
+        what = "95 % CI of the mean over tokens" if band_kind == "ci" else "± 1 std over tokens"
+        fig.suptitle(f"{title} (bands: {what})")
+        _legend(fig, axes, _boundary_key(runs))
+    return fig
+
+
+def delta_figure(runs: Run | pd.DataFrame | Sequence[Run | pd.DataFrame], band_kind: str = "ci") -> Figure:
+    """Fig. 3: mean ΔH_ATTN (top) and ΔH_FFN (bottom) per layer; EIC stages shaded for a single run."""
+    return _panels(_as_runs(runs), [("attn", "delta"), ("ffn", "delta")], "Entropy change per module", band_kind)
+
+
+def cosine_figure(runs: Run | pd.DataFrame | Sequence[Run | pd.DataFrame], band_kind: str = "ci") -> Figure:
+    """Fig. 12: cos(A_l, H_{l-1}) (top) and cos(F_l, H_{l-1}+A_l) (bottom) per layer."""
+    return _panels(_as_runs(runs), [("attn", "cos_resid"), ("ffn", "cos_resid")],
+                   "Residual cosine similarity of the module writes", band_kind)
+
+
+def compare_figure(
+    runs: Run | pd.DataFrame | Sequence[Run | pd.DataFrame],
+    quantities: Sequence[tuple[str, str]] = (("layer", "entropy"), ("ffn", "delta")),
+) -> Figure:
+    """Several runs on shared axes: each quantity against absolute layer (left) and layer / L (right)."""
+    runs = _as_runs(runs)
+    with _style():
+        fig = Figure(figsize=(10, 2.6 * len(quantities) + 0.6), layout="constrained")
+        grid = fig.subplots(len(quantities), 2, sharex="col", squeeze=False)
+        for row, (comp, column) in zip(grid, quantities):
+            for ax, normalise in zip(row, (False, True)):
+                if column != "entropy":
+                    ax.axhline(0, ls="--", color="0.25", lw=0.9, gid="zero")
+                for run, colour in zip(runs, _colours(len(runs))):
+                    s = series(run.summary, comp, column)
+                    x = s.index / run.n_layers if normalise else s.index
+                    ax.plot(x, s.to_numpy(), marker="o", ms=3, color=colour, label=run.label,
+                            gid=f"{'depth' if normalise else 'layer'}:{comp}:{column}:{run.label}")
+                ax.set_ylabel(QUANTITY[(comp, column)])
+                if not normalise:
+                    _layer_ticks(ax)
+        grid[-1, 0].set_xlabel(LAYER_AXIS)
+        grid[-1, 1].set_xlabel(DEPTH_AXIS)
+        fig.suptitle("Model comparison: absolute layer (left) and normalised depth (right)")
+        _legend(fig, grid.ravel())
+    return fig
+
+
+def stages_figure(curves: Mapping[str, Stages], ncols: int = 2) -> Figure:
+    """ΔH_FFN curves with their EIC segmentation: ≈ 0 tolerance band, shaded stages, boundary layer.
+
+    One panel per named :class:`Stages` (e.g. several models, or hand-made curves), to check the rule.
+    """
+    if not curves:
+        raise InputError("no stage segmentations to plot")
+    nrows = -(-len(curves) // ncols)
+    with _style():
+        fig = Figure(figsize=(4.6 * ncols, 2.7 * nrows + 0.7), layout="constrained")
+        axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
+        colour = _colours(1)[0]
+        for ax, (name, st) in zip(axes, curves.items()):
+            _shade_stages(ax, st, label=True)
+            layers = np.arange(1, st.n_layers + 1)
+            ax.axhspan(-st.tolerance, st.tolerance, color="0.5", alpha=0.25, lw=0, gid="tolerance",
+                       label="≈ 0 band (± tolerance)")
+            ax.axhline(0, ls="--", color="0.25", lw=0.9, gid="zero")
+            ax.plot(layers, st.delta_ffn, marker="o", ms=3.5, color=colour, label="ΔH_FFN", gid=f"ffn:{name}")
+            _mark_boundary(ax, st, name, "0.2")
+            k = st.boundary_layer
+            ax.set(title=f"{name}: boundary {k if k is not None else 'none'}", ylabel="ΔH_FFN (nats)",
+                   xlabel=LAYER_AXIS)
+            _layer_ticks(ax)
+        for ax in axes[len(curves):]:
+            ax.set_axis_off()
+        fig.suptitle("EIC stages of ΔH_FFN and the BuPO boundary layer")
+        key = [Line2D([], [], color="0.2", label="boundary layer (BuPO)", **BOUNDARY_STYLE)]
+        _legend(fig, axes[: len(curves)], key)
+    return fig
+
+
+@cache
+def _glyphs() -> frozenset[int]:
+    """Code points DejaVu Sans can draw (tokens outside it are shown as <hex>)."""
+    from matplotlib import font_manager
+    from matplotlib.ft2font import FT2Font
+
+    return frozenset(FT2Font(font_manager.findfont(FONT)).get_charmap())
+
+
+def token_label(text: str) -> str:
+    """A token as a tick label: visible whitespace, literal '$' (no mathtext), <hex> for glyphs the font lacks."""
+    if text == "":
+        return "∅"
+    shown = {" ": "␣", "\n": "↵", "\t": "⇥", "$": r"\$"}
+    return "".join(shown.get(c, c if ord(c) in _glyphs() else f"<{ord(c):x}>") for c in text)
+
+
+def heatmap_figure(
+    tokens: pd.DataFrame,
+    record_id: str | None = None,
+    component: str = "layer",
+    max_positions: int = 80,
+    vocab_size: int | None = None,
+    label: str | None = None,
+) -> Figure:
+    """Entropy per (layer, position) of one record, tokens as tick labels (first `max_positions` positions).
+
+    Column = the token at that position; the cell is the entropy of the policy predicting the next token.
+    """
+    if record_id is None:
+        record_id = str(tokens["record_id"].iloc[0])
+    rows = tokens.loc[(tokens["record_id"] == record_id) & (tokens["component"] == component)]
+    if rows.empty:
+        known = ", ".join(map(str, tokens["record_id"].unique()[:8]))
+        raise InputError(f"no '{component}' rows for record '{record_id}' in tokens.parquet (records: {known} ...)")
+    grid = rows.pivot(index="layer", columns="position", values="entropy").sort_index(ascending=False)
+    n_all = grid.shape[1]
+    grid = grid.iloc[:, :max_positions]
+    words = rows.drop_duplicates("position").set_index("position")["token"].astype(str)
+    with _style():
+        fig = Figure(figsize=(min(2.5 + 0.17 * grid.shape[1], 22), 1.9 + 0.24 * len(grid)), layout="constrained")
+        ax = fig.add_subplot()
+        sns.heatmap(grid, ax=ax, cmap="viridis", vmin=0, vmax=np.log(vocab_size) if vocab_size else None,
+                    cbar_kws={"label": "entropy (nats)", "pad": 0.01}, linewidths=0)
+        ax.set_xticks(np.arange(grid.shape[1]) + 0.5, [token_label(words[p]) for p in grid.columns], rotation=90,
+                      fontsize=7)
+        ax.set_yticks(np.arange(len(grid)) + 0.5, [str(layer) for layer in grid.index], rotation=0)
+        cut = f", first {grid.shape[1]} of {n_all} positions" if n_all > grid.shape[1] else ""
+        who = f"{label}, " if label else ""
+        ax.set(xlabel="token at position (cell: entropy of the next-token prediction)", ylabel=LAYER_AXIS,
+               title=f"Entropy per token and layer ({who}record '{record_id}', component '{component}'{cut})")
+    return fig
+
+
+def save_figure(
+    fig: Figure, out_dir: str | Path, name: str, dpi: int = 150, formats: Sequence[str] = ("png", "pdf")
+) -> list[Path]:
+    """Write `fig` as OUT_DIR/NAME.png (dpi 150) and OUT_DIR/NAME.pdf by default; return the paths."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = [out_dir / f"{name}.{ext}" for ext in formats]
+    for path in paths:
+        fig.savefig(path, dpi=dpi)
+    return paths
+
+
+_NEEDS = {"flow": {"layer", "attn", "ffn"}, "delta": {"attn", "ffn"}, "cosine": {"attn", "ffn"},
+          "compare": {"layer", "ffn"}}
+
+
+def _drawable(kind: str, runs: list[Run]) -> bool:
+    """Whether every run has what figure `kind` reads (used to skip figures under kind "all")."""
+    if kind == "heatmap":
+        return all(r.tokens_path is not None and r.tokens_path.is_file() for r in runs)
+    return all(_NEEDS[kind] <= set(r.summary["component"]) for r in runs)
+
+
+def _unique_labels(runs: list[Run], dirs: list[Path]) -> list[Run]:
+    """Add the folder name to labels that several runs share (e.g. one model on two datasets)."""
+    labels = [r.label for r in runs]
+    return [replace(r, label=f"{r.label} ({d.name})") if labels.count(r.label) > 1 else r for r, d in zip(runs, dirs)]
+
+
+def plot_runs(
+    run_dirs: Sequence[str | Path],
+    out_dir: str | Path | None = None,
+    kinds: Sequence[str] = ("all",),
+    record_id: str | None = None,
+) -> list[Path]:
+    """Draw figures for one or more run folders into OUT_DIR (default RUN_DIR/figures for one run).
+
+    "all" = flow, delta, cosine, heatmap (one per run), plus compare when there are several runs; figures
+    a run's tables cannot support (e.g. no tokens.parquet) are skipped under "all". Writes stages.json
+    into each run that lacks it. Returns the PNG and PDF paths.
+    """
+    dirs = [Path(d) for d in run_dirs]
+    if not dirs:
+        raise InputError("give at least one RUN_DIR")
+    if out_dir is None and len(dirs) > 1:
+        raise InputError("several runs: pass --out DIR for the shared figures")
+    out = Path(out_dir) if out_dir is not None else dirs[0] / "figures"
+    unknown = set(kinds) - set(KINDS) - {"all"}
+    if unknown:
+        raise InputError(f"unknown figure kind(s) {sorted(unknown)}; choose from {', '.join(KINDS)}, all")
+    runs = _unique_labels([load_run(d) for d in dirs], dirs)
+    auto = {k for k in KINDS if (k != "compare" or len(runs) > 1) and _drawable(k, runs)} if "all" in kinds else set()
+    wanted = [k for k in KINDS if k in kinds or k in auto]
+    draw = {"flow": flow_figure, "delta": delta_figure, "cosine": cosine_figure, "compare": compare_figure}
+    paths: list[Path] = []
+    for kind in wanted:
+        if kind != "heatmap":
+            paths += save_figure(draw[kind](runs), out, kind)
+            continue
+        for i, run in enumerate(runs):
+            fig = heatmap_figure(run.tokens(), record_id, vocab_size=run.vocab_size, label=run.label)
+            paths += save_figure(fig, out, "heatmap" if len(runs) == 1 else f"heatmap-{i + 1}")
+    return paths
+
+
+def plot_run(run_dir: str | Path, out_dir: str | Path | None = None, kinds: Sequence[str] = ("all",)) -> list[Path]:
+    """Figures of one profile run (default into RUN_DIR/figures); writes stages.json if missing."""
+    return plot_runs([run_dir], out_dir, kinds)
+
+
+__all__ = [
+    "KINDS", "Run", "band", "compare_figure", "cosine_figure", "delta_figure", "flow_figure",
+    "heatmap_figure", "load_run", "plot_run", "plot_runs", "save_figure", "series", "stages_figure", "token_label",
+]
