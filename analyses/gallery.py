@@ -23,12 +23,12 @@ import numpy as np
 from internal_policy.data import read_jsonl
 from internal_policy.models import load_model
 from internal_policy.plot import (
+    Run,
     compare_figure,
     cosine_figure,
     delta_figure,
     flow_figure,
     heatmap_figure,
-    load_run,
     save_figure,
     stages_figure,
 )
@@ -86,7 +86,7 @@ def main() -> None:
     parser.add_argument("--runs", type=Path, default=Path("runs/gallery"), help="where the profile runs go")
     parser.add_argument("--out", type=Path, default=Path("figures"), help="where the PNGs go")
     args = parser.parse_args()
-    stories, *tiny = [load_run(d) for d in profile_all(args.runs)]
+    stories, *tiny = [Run.from_dir(d) for d in profile_all(args.runs)]
     figures = {
         "flow": flow_figure([stories, tiny[0]]),
         "delta": delta_figure(stories),

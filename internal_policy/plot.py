@@ -26,7 +26,8 @@ from matplotlib.lines import Line2D
 from matplotlib.ticker import MaxNLocator
 
 from .errors import InputError
-from .stages import Stages, read_summary, run_stages
+from .runs import TOKENS, load_run
+from .stages import Stages, run_stages
 
 KINDS = ("flow", "delta", "cosine", "heatmap", "compare")
 LAYER_AXIS = "layer (1..L; 0 = embedding)"
@@ -60,30 +61,24 @@ class Run:
         """L (the largest layer number in the summary)."""
         return int(self.summary["layer"].max())
 
+    @classmethod
+    def from_dir(cls, run_dir: str | Path) -> Run:
+        """A run folder as the figures see it (stages.json is written if missing; tokens read lazily)."""
+        result = load_run(run_dir)
+        has_ffn = bool((result.summary["component"] == "ffn").any())
+        return cls(
+            summary=result.summary,
+            label=Path(str(result.meta.get("model") or Path(run_dir).name)).name,
+            vocab_size=result.meta.get("vocab_size"),
+            stages=run_stages(run_dir) if has_ffn else None,
+            tokens_path=Path(run_dir) / TOKENS,
+        )
+
     def tokens(self) -> pd.DataFrame:
         """The per-token table (tokens.parquet), read on demand: it can be large."""
         if self.tokens_path is None or not self.tokens_path.is_file():
             raise InputError(f"run '{self.label}' has no tokens.parquet; re-run profile without --no-tokens")
         return pd.read_parquet(self.tokens_path)
-
-
-def load_run(run_dir: str | Path) -> Run:
-    """Read a run folder for plotting (summary, run.json, stages.json written if missing; tokens lazily).
-
-    Unlike ``profile.load_run`` this neither imports torch nor reads tokens.parquet up front.
-    """
-    run_dir = Path(run_dir)
-    summary = read_summary(run_dir)
-    meta_path = run_dir / "run.json"
-    meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
-    has_ffn = bool((summary["component"] == "ffn").any())
-    return Run(
-        summary=summary,
-        label=Path(str(meta.get("model") or run_dir.name)).name,
-        vocab_size=meta.get("vocab_size"),
-        stages=run_stages(run_dir) if has_ffn else None,
-        tokens_path=run_dir / "tokens.parquet",
-    )
 
 
 def _as_runs(runs: Run | pd.DataFrame | Sequence[Run | pd.DataFrame]) -> list[Run]:
@@ -397,7 +392,7 @@ def plot_runs(
     unknown = set(kinds) - set(KINDS) - {"all"}
     if unknown:
         raise InputError(f"unknown figure kind(s) {sorted(unknown)}; choose from {', '.join(KINDS)}, all")
-    runs = _unique_labels([load_run(d) for d in dirs], dirs)
+    runs = _unique_labels([Run.from_dir(d) for d in dirs], dirs)
     auto = {k for k in KINDS if (k != "compare" or len(runs) > 1) and _drawable(k, runs)} if "all" in kinds else set()
     wanted = [k for k in KINDS if k in kinds or k in auto]
     draw = {"flow": flow_figure, "delta": delta_figure, "cosine": cosine_figure, "compare": compare_figure}
@@ -419,5 +414,5 @@ def plot_run(run_dir: str | Path, out_dir: str | Path | None = None, kinds: Sequ
 
 __all__ = [
     "KINDS", "Run", "band", "compare_figure", "cosine_figure", "delta_figure", "flow_figure",
-    "heatmap_figure", "load_run", "plot_run", "plot_runs", "save_figure", "series", "stages_figure", "token_label",
+    "heatmap_figure", "plot_run", "plot_runs", "save_figure", "series", "stages_figure", "token_label",
 ]

@@ -23,7 +23,6 @@ import json
 import os
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -37,6 +36,7 @@ from .data import Example, batched, pad_batch, tokenize_records
 from .entropy import Decoder, row_cosine
 from .errors import InputError
 from .models import ModelSpec, context_length, describe, pad_token_id
+from .runs import ProfileResult, load_run
 
 ORDER = ("attn_in", "attn", "resid_mid", "ffn_in", "ffn", "layer")
 """Forward order of the components inside one layer (used to sort tables)."""
@@ -47,26 +47,6 @@ COSINE_OF = {"attn": "layer", "ffn": "resid_mid"}
 STATS = ("entropy", "delta", "cos")
 SETTINGS = ("model", "final_norm", "components", "token_sample", "seed", "truncate")
 """run.json keys that must match for `resume` to continue a run."""
-
-
-@dataclass
-class ProfileResult:
-    """Tables of one run: `summary` (per layer × component), `tokens` (per token, or None), `meta`.
-
-    For a run on disk, `tokens` is read from `tokens.parquet` on first access (it can be large).
-    """
-
-    summary: pd.DataFrame
-    meta: dict
-    out_dir: Path | None = None
-    _tokens: pd.DataFrame | None = None
-
-    @property
-    def tokens(self) -> pd.DataFrame | None:
-        path = self.out_dir / "tokens.parquet" if self.out_dir is not None else None
-        if self._tokens is None and path is not None and path.exists():
-            self._tokens = pd.read_parquet(path)
-        return self._tokens
 
 
 def check_components(components: Sequence[str] | None) -> tuple[str, ...]:
@@ -350,11 +330,3 @@ def profile(
     result = run.finish(meta, keep_tokens) if rank == 0 else None
     _barrier()
     return result if result is not None else load_run(run.path)
-
-
-def load_run(run_dir: str | Path) -> ProfileResult:
-    """Read a finished run folder back into a `ProfileResult`."""
-    path = Path(run_dir)
-    if not (path / "summary.csv").exists():
-        raise InputError(f"{path} holds no finished run (no summary.csv); run `internal-policy profile --out {path}`")
-    return ProfileResult(pd.read_csv(path / "summary.csv"), json.loads((path / "run.json").read_text()), path)

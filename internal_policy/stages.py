@@ -38,6 +38,7 @@ import numpy as np
 import pandas as pd
 
 from .errors import InputError
+from .runs import load_run
 
 STAGE_NAMES = ("exploration", "integration", "convergence")
 _TARGET = {"exploration": 1, "integration": 0, "convergence": -1}
@@ -227,18 +228,10 @@ def write_stages(run_dir: str | Path, stages: Stages) -> Path:
     return path
 
 
-def read_summary(run_dir: str | Path) -> pd.DataFrame:
-    """RUN_DIR/summary.csv, with an error naming the fix when it is missing."""
-    path = Path(run_dir) / "summary.csv"
-    if not path.is_file():
-        raise InputError(f"{path} not found; RUN_DIR must be a folder written by `internal-policy profile`")
-    return pd.read_csv(path)
-
-
 def run_stages(run_dir: str | Path) -> Stages:
     """Stages of a run: stages.json if it matches summary.csv, else recomputed (same parameters) and written."""
     run_dir = Path(run_dir)
-    delta = tuple(ffn_delta(read_summary(run_dir)).to_list())
+    delta = tuple(ffn_delta(load_run(run_dir).summary).to_list())
     path = run_dir / STAGES_FILE
     params: dict[str, float] = {}
     if path.is_file():

@@ -20,7 +20,6 @@ from internal_policy.plot import (
     delta_figure,
     flow_figure,
     heatmap_figure,
-    load_run,
     plot_run,
     plot_runs,
     stages_figure,
@@ -202,7 +201,7 @@ def test_plot_run_writes_png_pdf_and_stages(tmp_path, tokens):
     assert all(p.parent == run_dir / "figures" and 0 < p.stat().st_size < 300_000 for p in paths)
     stored = json.loads((run_dir / "stages.json").read_text())
     assert stored["exploration"] == [1, 3] and stored["boundary_layer"] == 3
-    assert load_run(run_dir).label == "tiny"  # run.json "synthetic/tiny" -> last path part
+    assert Run.from_dir(run_dir).label == "tiny"  # run.json "synthetic/tiny" -> last path part
 
     # several runs: compare is added, heatmaps numbered, labels made unique, --out required
     twin = write_run(tmp_path / "twin", tokens)

@@ -18,9 +18,10 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..stages import describe, read_summary, stages_from_summary, write_stages
+    from ..runs import load_run
+    from ..stages import describe, stages_from_summary, write_stages
 
-    stages = stages_from_summary(read_summary(args.run_dir), rel_tol=args.rel_tol, abs_tol=args.abs_tol,
+    stages = stages_from_summary(load_run(args.run_dir).summary, rel_tol=args.rel_tol, abs_tol=args.abs_tol,
                                  min_run=args.min_run)
     print(describe(stages))
     print(f"-> {write_stages(args.run_dir, stages)}")
