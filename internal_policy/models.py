@@ -57,7 +57,7 @@ _BLOCK_LAYOUTS: dict[str, BlockLayout] = {
         "llama", "mistral", "mixtral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "phi3", "gemma",
         "olmo", "internlm2", "deepseek_v2", "deepseek_v3", "smollm3", "ministral", "glm", "hunyuan_v1_dense",
     )},
-    **{t: _SANDWICH for t in ("gemma2", "gemma3", "gemma3_text")},
+    **{t: _SANDWICH for t in ("gemma2", "gemma3_text")},
     **{t: _POST_NORM for t in ("olmo2", "olmo3")},
     "gpt2": BlockLayout("attn", "mlp", "ln_1", "ln_2"),
     "gpt_neox": BlockLayout("attention", "mlp", "input_layernorm", "post_attention_layernorm", parallel=True),

@@ -37,6 +37,8 @@ def _configs():
         "gemma": lambda: tf.GemmaConfig(head_dim=16, **llama_like),
         "gemma2": lambda: tf.Gemma2Config(head_dim=16, final_logit_softcapping=5.0, attn_logit_softcapping=20.0,
                                           query_pre_attn_scalar=16, **llama_like),
+        "gemma3_text": lambda: tf.Gemma3TextConfig(head_dim=16, final_logit_softcapping=5.0, query_pre_attn_scalar=16,
+                                                   sliding_window=4, **llama_like),
         "gpt2": lambda: tf.GPT2Config(n_embd=64, n_layer=3, n_head=4, n_positions=256, **COMMON),
         "gpt_neox": lambda: tf.GPTNeoXConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=3,
                                              num_attention_heads=4, max_position_embeddings=256,
