@@ -55,7 +55,7 @@ _POST_NORM = BlockLayout("post_attention_layernorm", "post_feedforward_layernorm
 _BLOCK_LAYOUTS: dict[str, BlockLayout] = {
     **{t: _PRE_NORM for t in (
         "llama", "mistral", "mixtral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "phi3", "gemma",
-        "olmo", "internlm2", "deepseek_v2", "deepseek_v3", "smollm3", "ministral", "glm", "hunyuan_v1_dense",
+        "olmo", "deepseek_v3", "smollm3", "glm", "hunyuan_v1_dense",
     )},
     **{t: _SANDWICH for t in ("gemma2", "gemma3_text")},
     **{t: _POST_NORM for t in ("olmo2", "olmo3")},

@@ -47,6 +47,21 @@ def _configs():
         "phi": lambda: tf.PhiConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
                                     max_position_embeddings=256, **COMMON),
         "cohere": lambda: tf.CohereConfig(logit_scale=0.5, **llama_like),
+        # mixture-of-experts FFNs and other pre-norm families
+        "mixtral": lambda: tf.MixtralConfig(num_local_experts=4, num_experts_per_tok=2, **llama_like),
+        "qwen2_moe": lambda: tf.Qwen2MoeConfig(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+                                               shared_expert_intermediate_size=32, **llama_like),
+        "qwen3_moe": lambda: tf.Qwen3MoeConfig(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+                                               head_dim=16, **llama_like),
+        "deepseek_v3": lambda: tf.DeepseekV3Config(
+            **{**llama_like, "num_key_value_heads": 4}, n_routed_experts=4, num_experts_per_tok=2,
+            moe_intermediate_size=32, first_k_dense_replace=1, q_lora_rank=None, kv_lora_rank=16,
+            qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16, n_group=1, topk_group=1),
+        "olmo": lambda: tf.OlmoConfig(**llama_like),
+        "olmo3": lambda: tf.Olmo3Config(**llama_like),
+        "smollm3": lambda: tf.SmolLM3Config(pad_token_id=0, eos_token_id=2, **llama_like),
+        "glm": lambda: tf.GlmConfig(head_dim=16, pad_token_id=0, eos_token_id=2, **llama_like),
+        "hunyuan_v1_dense": lambda: tf.HunYuanDenseV1Config(head_dim=16, **llama_like),
     }
 
 

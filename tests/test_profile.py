@@ -31,8 +31,12 @@ def _entropy64(h, w, b):
 
 
 def _cos64(a, b):
+    """Cosine of matching rows; 0 where either row is the zero vector (as documented in row_cosine).
+
+    This happens for real: OLMo embeds its pad id (= BOS here) as zeros, so its BOS stream is all zero."""
     a, b = a.double(), b.double()
-    return (a * b).sum(-1) / (a.norm(dim=-1) * b.norm(dim=-1))
+    norms = a.norm(dim=-1) * b.norm(dim=-1)
+    return torch.where(norms > 0, (a * b).sum(-1) / norms.clamp_min(1e-300), 0.0)
 
 
 def hf_hook_sites(model, ids):
