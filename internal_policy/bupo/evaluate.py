@@ -104,20 +104,3 @@ def evaluate(model, tokenizer, prompt_sets: dict[str, pd.DataFrame], n: int, lim
         parts.append(score_completions(name, list(frame["answer"]), completions))
     return pd.concat(parts, ignore_index=True)
 
-
-def plot_pass_at_k(curves: dict[str, pd.DataFrame], path) -> None:
-    """Fig. 6: mean Pass@K over benchmarks against K (log axis), one line per model/method."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import seaborn as sns
-
-    data = pd.concat([c.assign(model=name) for name, c in curves.items()], ignore_index=True)
-    mean = data.groupby(["model", "k"], as_index=False)["pass_at_k"].mean()
-    fig, ax = plt.subplots(figsize=(5, 3.5))
-    sns.lineplot(mean, x="k", y="pass_at_k", hue="model", marker="o", ax=ax)
-    ax.set(xscale="log", xlabel="K", ylabel="mean Pass@K (%)", title="Pass@K (mean over benchmarks)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
