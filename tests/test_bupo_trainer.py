@@ -137,3 +137,20 @@ def test_bad_internal_layer_is_a_clear_error(fresh_llama, tmp_path):
         _trainer(model, tok, tmp_path, internal_layer=4)
     with pytest.raises(InputError, match="needs internal_layer"):
         _trainer(model, tok, tmp_path, internal_layer=None)
+
+
+def test_auto_internal_layer_is_the_profile_boundary_layer(tmp_path):
+    from internal_policy.bupo import resolve_internal_layer
+    from internal_policy.profile import profile
+    from internal_policy.stages import run_boundary_layer
+
+    model, tok = load_model()
+    records = [{"text": "Once upon a time, there was a little girl named Lily. She loved to play outside."},
+               {"text": "The little girl was happy because she found her red ball in the park."}]
+    profile(model, tok, records, out_dir=tmp_path / "run", progress=False)  # the full profile, all components
+    expected = run_boundary_layer(tmp_path / "run")
+    assert 1 <= expected < describe(model).n_layers
+    assert resolve_internal_layer("auto", model, tok, records) == expected
+    assert resolve_internal_layer("auto", model, tok, profile_run=tmp_path / "run") == expected
+    with pytest.raises(InputError, match="needs a profile"):
+        _trainer(model, tok, tmp_path / "out", internal_layer="auto")
