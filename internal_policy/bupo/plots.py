@@ -18,23 +18,33 @@ def _plt():
     return plt, sns
 
 
-def plot_fig5(track: pd.DataFrame, path: str | Path, title: str = "") -> None:
-    """Fig. 5 panels: (a) cos(H_k, H_l) vs l per step, (b) ΔH at layer k vs step, (c) perplexity vs step,
-    (d) KL(π^k‖π^l) vs l per step. Several runs (a `run` column) are averaged with ± sd bands."""
+def plot_fig5(track: pd.DataFrame, path: str | Path, title: str = "", internal_steps: int | None = None) -> None:
+    """Fig. 5 panels: (a) cos(H_k, H_l), (b) ΔH at layer k vs step, (c) perplexity vs step, (d) KL(π^k‖π^l).
+
+    (a) and (d) are drawn against l with one line per step, as in the paper, when there are at least three
+    later layers; otherwise against the step with one line per l. Rows of several seeds give ± sd bands.
+    """
     plt, sns = _plt()
     fig, axes = plt.subplots(1, 4, figsize=(15, 3.4))
     pick = lambda m: track[track["metric"] == m]  # noqa: E731
     k = int(pick("delta_k")["layer"].iloc[0])
+    by_layer = pick("cos_k")["layer"].nunique() >= 3
     for ax, metric, label in ((axes[0], "cos_k", f"cos(H_{k}, H_l)"), (axes[3], "kl_k", f"KL(π^{k} ‖ π^l) (nats)")):
-        sns.lineplot(pick(metric), x="layer", y="value", hue="step", palette="viridis", marker="o", errorbar=None,
-                     ax=ax)
-        ax.set(xlabel="layer l", ylabel=label)
+        data = pick(metric).assign(l=lambda t: "l = " + t["layer"].astype(str))
+        if by_layer:
+            sns.lineplot(data, x="layer", y="value", hue="step", palette="viridis", marker="o", errorbar=None, ax=ax)
+            ax.set(xlabel="layer l", ylabel=label)
+        else:
+            sns.lineplot(data, x="step", y="value", hue="l", errorbar="sd", marker="o", ax=ax)
+            ax.set(ylabel=label)
     sns.lineplot(pick("delta_k"), x="step", y="value", errorbar="sd", marker="o", ax=axes[1])
     axes[1].set(ylabel=f"ΔH layer {k} = H_{k} − H_{k - 1} (nats)")
     sns.lineplot(pick("perplexity"), x="step", y="value", errorbar="sd", marker="o", ax=axes[2])
     axes[2].set(ylabel="perplexity of π_θ (probe)")
     for ax, letter in zip(axes, "abcd"):
         ax.set_title(f"({letter})")
+        if internal_steps and ax.get_xlabel() == "step":
+            ax.axvline(internal_steps, color="grey", ls="--", lw=1)
     fig.suptitle(title or f"internal layer k = {k}")
     fig.tight_layout()
     fig.savefig(path, dpi=90)

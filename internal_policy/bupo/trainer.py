@@ -49,6 +49,8 @@ def internal_logps(
     Logits are (H_k W_Uᵀ + b) / temperature, as TRL scales its own; TRL's chunked kernel does the
     log-softmax in fp32 tiles over the vocabulary.
     """
+    device = spec.unembed_weight.device  # a model split over devices (device_map) can end elsewhere
+    hidden, targets = hidden.to(device), targets.to(device)
     if final_norm:
         hidden = spec.final_norm(hidden)
     outputs = ("log_probs", "entropy") if compute_entropy else ("log_probs",)

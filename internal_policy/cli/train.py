@@ -77,7 +77,7 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     print(f"method={args.method} internal_layer={result.internal_layer} -> {out}")
     if result.tracking is not None:
-        plot_fig5(result.tracking, out / "fig5_internal_layer.png")
+        plot_fig5(result.tracking, out / "fig5_internal_layer.png", internal_steps=args.internal_steps)
         plot_fig7(result.tracking.assign(method=args.method), out / "fig7_actor_entropy.png", args.internal_steps)
         print(f"tracking: {out / 'tracking.parquet'}, figures: fig5_internal_layer.png, fig7_actor_entropy.png")
     return 0
