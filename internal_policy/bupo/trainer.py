@@ -11,8 +11,8 @@ final norm and their backward never run; the step costs roughly k/L of the trans
 the LM head (see bench/bupo_step.py). Only layers 1..k and the unembedding get gradient; with tied
 embeddings (e.g. stories260K, Qwen3-4B) that unembedding gradient also moves the input embedding.
 
-The same trainer runs the baselines (paper Table 11): `grpo`, `freeze` (layers 1..k frozen for the
-whole run) and `lowlr` (`lowlr_factor` × learning rate above layer k for the whole run; a tied
+The same trainer runs the baselines (paper Table 11): `grpo`, `freeze` (blocks 1..k frozen for the
+whole run; the embedding stays trainable, since it is often tied to the unembedding) and `lowlr` (`lowlr_factor` × learning rate above layer k for the whole run; a tied
 unembedding counts as the embedding and keeps the full rate). Whether the paper applied these for the
 whole run is not stated; we do.
 """
