@@ -154,3 +154,17 @@ def test_auto_internal_layer_is_the_profile_boundary_layer(tmp_path):
     assert resolve_internal_layer("auto", model, tok, profile_run=tmp_path / "run") == expected
     with pytest.raises(InputError, match="needs a profile"):
         _trainer(model, tok, tmp_path / "out", internal_layer="auto")
+
+
+def test_internal_final_norm_option_decodes_through_the_norm(stories):
+    from internal_policy.bupo.trainer import internal_logps
+
+    model, tok = stories
+    spec = describe(model)
+    ids = torch.tensor([tok("Once upon a time there was a dog.")["input_ids"]])
+    with torch.no_grad():
+        hidden = model(ids, output_hidden_states=True).hidden_states[2][:, :-1]
+        logps, _ = internal_logps(hidden, ids[:, 1:], spec, final_norm=True)
+        logits = model.model.norm(hidden) @ model.lm_head.weight.T
+    expected = torch.log_softmax(logits, -1).gather(-1, ids[:, 1:, None])[..., 0]
+    torch.testing.assert_close(logps, expected, rtol=1e-5, atol=1e-5)
