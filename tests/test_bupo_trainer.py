@@ -168,3 +168,12 @@ def test_internal_final_norm_option_decodes_through_the_norm(stories):
         logits = model.model.norm(hidden) @ model.lm_head.weight.T
     expected = torch.log_softmax(logits, -1).gather(-1, ids[:, 1:, None])[..., 0]
     torch.testing.assert_close(logps, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_bupo_with_vllm_importance_correction_is_refused(tmp_path):
+    from internal_policy.bupo import BuPOConfig
+
+    with pytest.raises(InputError, match="vllm_importance_sampling_correction=False"):
+        BuPOConfig(output_dir=str(tmp_path), internal_layer=2, use_vllm=True, use_cpu=True)
+    BuPOConfig(output_dir=str(tmp_path), internal_layer=2, use_vllm=True, vllm_importance_sampling_correction=False,
+               use_cpu=True)

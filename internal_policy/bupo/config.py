@@ -39,5 +39,9 @@ class BuPOConfig(GRPOConfig):
             self.internal_layer = int(self.internal_layer)
         if self.internal_steps < 0:
             raise InputError(f"internal_steps must be >= 0, got {self.internal_steps}")
+        if self.method == "bupo" and self.use_vllm and self.vllm_importance_sampling_correction:
+            # TRL would weigh π^k old log-probs against vLLM's π_θ sampling log-probs; verl's BuPO has no such term
+            raise InputError("BuPO with vLLM rollouts needs vllm_importance_sampling_correction=False: the internal "
+                             "phase's old log-probs come from π^k, not from the sampling policy π_θ")
         if not 0 < self.lowlr_factor <= 1:
             raise InputError(f"lowlr_factor must be in (0, 1], got {self.lowlr_factor}")

@@ -68,7 +68,8 @@ def run(args: argparse.Namespace) -> int:
         max_grad_norm=1.0, num_generations=args.num_generations, per_device_train_batch_size=args.batch_size,
         steps_per_generation=args.steps_per_generation, max_completion_length=args.max_completion_length,
         temperature=args.temperature, top_p=1.0, epsilon=args.epsilon, beta=args.beta,
-        logging_steps=args.logging_steps, seed=args.seed, use_vllm=args.use_vllm, use_cpu=args.cpu,
+        logging_steps=args.logging_steps, seed=args.seed, use_vllm=args.use_vllm, vllm_mode="colocate",
+        vllm_importance_sampling_correction=False, use_cpu=args.cpu,
         bf16=args.dtype in ("bfloat16", "bf16") and not args.cpu, report_to="none", save_strategy="no",
     )
     track_layer = None if args.internal_layer == "auto" else int(args.internal_layer)
