@@ -1,0 +1,363 @@
+"""Profiling speed, memory and agreement: the official visualisation method against this package.
+
+In one process, on the same random-weight model, tokens and device, this times
+  (a) `official`: the method of the BuPO repository's `visualization/plot_internal_entropy.py`,
+      re-implemented from its description (bupo-spec.md §1 "Aggregation"): fp32 model, eager
+      attention with `output_attentions` and `output_hidden_states`, one sample at a time, hooks
+      copying every activation to the CPU, then per module one `lm_head` call with a full softmax
+      and log_softmax for its input and one for its output (so H_{l-1} is decoded twice), plus the
+      final logits' entropy;
+  (b) `engine`: `capture` streaming each tensor (kept positions gathered) into `Decoder.entropy`,
+      each unique tensor decoded once, batched, `logits_to_keep=1`;
+  (c) `profile`: `internal_policy.profile.profile(...)`, the public API (in memory, per-token table).
+Both package paths decode the sites the official method reports (layer, attn_in, attn, ffn_in,
+ffn) and keep the same positions (those predicting a response token), so the entropies can be
+compared one by one. Records carry token ids as text through a pass-through tokenizer: the model has
+random weights and no vocabulary, and both methods then see identical tokens.
+
+Reported: tokens/s of each method and the speedup of `profile` over `official`; the fraction of the
+unembedding roofline, i.e. (decodings x 2*d*|V| FLOPs) / elapsed time over the rate of one large
+`torch.mm` of the decoder's shape class measured in the same run; peak memory of each method (CUDA:
+`max_memory_allocated` above what was allocated before; CPU: a fresh child process per method,
+peak RSS (VmHWM, reset through /proc/self/clear_refs) above the RSS after building the model); and
+the extra peak of `profile` over a plain forward pass, which is what the decodings cost.
+
+The last line is `speedup=X roofline=Y peak_mem_ratio=Z` (ratio = official peak / profile peak).
+Run: `python bench/profile_speed.py` (CPU, d=512, 8 layers, |V|=32000) or
+`python bench/profile_speed.py --device cuda --shape qwen3-8b` (bf16 package vs fp32 official).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import resource
+import subprocess
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+from internal_policy.capture import capture  # noqa: E402
+from internal_policy.entropy import Decoder  # noqa: E402
+from internal_policy.models import describe  # noqa: E402
+from internal_policy.profile import profile  # noqa: E402
+
+SHAPES = {
+    "small": dict(arch="llama", hidden_size=512, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=8,
+                  intermediate_size=1408, vocab_size=32000),
+    "qwen3-8b": dict(arch="qwen3", hidden_size=4096, num_hidden_layers=36, num_attention_heads=32,
+                     num_key_value_heads=8, head_dim=128, intermediate_size=12288, vocab_size=151936),
+}
+LENGTHS = {"small": (3, 64, 320), "qwen3-8b": (8, 256, 1024)}
+"""Default (samples, prompt tokens, response tokens) per shape."""
+COMPONENTS = ("layer", "attn_in", "attn", "ffn_in", "ffn")
+"""The sites the official method reports; both package paths decode exactly these."""
+METHODS = ("official", "engine", "profile")
+
+
+class IdTokenizer:
+    """Pass-through tokenizer: text is space-separated token ids (so both methods see the same ids)."""
+
+    pad_token_id = eos_token_id = unk_token_id = 0
+
+    def __call__(self, text: str, add_special_tokens: bool = True) -> dict:
+        return {"input_ids": [int(t) for t in text.split()]}
+
+    def decode(self, ids) -> str:
+        return " ".join(str(int(i)) for i in ids)
+
+
+def build_models(shape: str, device: str) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """(official fp32 model, package model): the same weights; the package's is bf16 on CUDA."""
+    import transformers as tf
+
+    params = dict(SHAPES[shape])
+    config_cls = {"llama": tf.LlamaConfig, "qwen3": tf.Qwen3Config}[params.pop("arch")]
+    config = config_cls(**params, tie_word_embeddings=False, max_position_embeddings=8192)
+    torch.manual_seed(0)
+    with torch.device(device):
+        reference = tf.AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+        if device == "cpu":
+            return reference, reference  # CPU: fp32 for both (CPU bf16 matmuls are slow, not a fair package setting)
+        package = tf.AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).eval()
+    package.load_state_dict(reference.state_dict())
+    return reference, package
+
+
+def make_samples(args, vocab: int) -> list[torch.Tensor]:
+    gen = torch.Generator().manual_seed(1)
+    return [torch.randint(1, vocab, (args.prompt + args.response,), generator=gen) for _ in range(args.samples)]
+
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def full_softmax_entropy(logits: torch.Tensor) -> torch.Tensor:
+    """The official per-module readout: softmax and log_softmax of the full logits, then -Σ p log p."""
+    probs = torch.softmax(logits, dim=-1)
+    log_probs = torch.log_softmax(logits, dim=-1)
+    return -(probs * log_probs).sum(dim=-1)
+
+
+def _first(out):
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+@torch.no_grad()
+def official(model, samples: list[torch.Tensor], start: int, device: str) -> dict:
+    """The official method, one sample at a time; returns {(layer, component): per-token entropies}."""
+    spec = describe(model)
+    saved: dict[tuple[int, str], dict] = {}
+    handles = []
+    for i, block in enumerate(spec.layers):
+        def on_block(_m, args, kwargs, out, i=i, block=block):
+            h = args[0] if args else kwargs["hidden_states"]
+            saved.setdefault((i, "attn"), {})["input"] = block.input_layernorm(h).detach().cpu()
+            saved[(i, "layer")] = {"input": h.detach().cpu(), "output": _first(out).detach().cpu()}
+
+        def on_attn(_m, _a, out, i=i):
+            saved.setdefault((i, "attn"), {})["output"] = _first(out).detach().cpu()
+
+        def on_mlp(_m, args, out, i=i):
+            saved[(i, "ffn")] = {"input": args[0].detach().cpu(), "output": _first(out).detach().cpu()}
+
+        handles += [block.register_forward_hook(on_block, with_kwargs=True),
+                    block.self_attn.register_forward_hook(on_attn), block.mlp.register_forward_hook(on_mlp)]
+    site = {("attn", "input"): (1, "attn_in"), ("attn", "output"): (1, "attn"), ("ffn", "input"): (1, "ffn_in"),
+            ("ffn", "output"): (1, "ffn"), ("layer", "input"): (0, "layer"), ("layer", "output"): (1, "layer")}
+    found, rows = defaultdict(list), []
+    model.set_attn_implementation("eager")
+    try:
+        for ids in samples:
+            saved.clear()
+            out = model(ids[None].to(device), output_attentions=True, output_hidden_states=True, use_cache=False)
+            kept = slice(start, ids.shape[0] - 1)
+            found["final"].append(full_softmax_entropy(out.logits[0, kept]).cpu())
+            del out
+            for (i, kind), acts in saved.items():
+                pair = {}
+                for io in ("input", "output"):
+                    x = acts[io][0, kept].to(device)
+                    pair[io] = full_softmax_entropy(model.lm_head(x)).cpu()
+                    if device.startswith("cuda"):
+                        torch.cuda.empty_cache()
+                    offset, component = site[(kind, io)]
+                    if (i + offset, component) not in found or len(found[(i + offset, component)]) < len(found["final"]):
+                        found[(i + offset, component)].append(pair[io])
+                rows += [{"module": f"layer_{i}_{kind}", "position": p, "input_entropy": float(a),
+                          "output_entropy": float(b), "entropy_change": float(b - a)}
+                         for p, (a, b) in enumerate(zip(pair["input"], pair["output"]))]
+    finally:
+        model.set_attn_implementation("sdpa")
+        for handle in handles:
+            handle.remove()
+    return {key: torch.cat(parts) for key, parts in found.items()}
+
+
+@torch.no_grad()
+def engine(model, samples: list[torch.Tensor], start: int, device: str, batch_size: int) -> dict:
+    """This package's engine: capture → gather kept rows → Decoder.entropy, each unique tensor once."""
+    spec = describe(model)
+    decoder = Decoder.from_spec(spec)
+    found = defaultdict(list)
+    for first in range(0, len(samples), batch_size):
+        ids = torch.stack(samples[first : first + batch_size]).to(device)
+        width = ids.shape[1]
+        index = torch.cat([row * width + torch.arange(start, width - 1) for row in range(ids.shape[0])]).to(device)
+
+        def on_tensor(layer, component, x, alias):
+            if component in COMPONENTS:
+                rows = x.reshape(-1, x.shape[-1]).index_select(0, index) if alias is None else None
+                found[(layer, component)].append(decoder.entropy(rows) if alias is None else found[alias][-1])
+
+        with capture(model, on_tensor, spec):
+            model(input_ids=ids, use_cache=False, logits_to_keep=1)
+    return {key: torch.cat(parts).cpu() for key, parts in found.items()}
+
+
+def run_profile(model, samples: list[torch.Tensor], start: int, batch_size: int):
+    """The public API on the same tokens (prompt/response records of ids)."""
+    records = [{"id": str(n), "prompt": " ".join(map(str, ids[:start + 1].tolist())),
+                "response": " ".join(map(str, ids[start + 1 :].tolist()))} for n, ids in enumerate(samples)]
+    return profile(model, IdTokenizer(), records, components=COMPONENTS, batch_size=batch_size, progress=False)
+
+
+def plain_forward(model, samples, device, batch_size) -> None:
+    with torch.no_grad():
+        for first in range(0, len(samples), batch_size):
+            model(input_ids=torch.stack(samples[first : first + batch_size]).to(device), use_cache=False,
+                  logits_to_keep=1)
+
+
+def run_method(name, models, samples, args):
+    reference, package = models
+    start = args.prompt - 1  # positions predicting a response token: prompt-1 .. T-2
+    if name == "official":
+        return official(reference, samples, start, args.device)
+    if name == "engine":
+        return engine(package, samples, start, args.device, args.batch_size)
+    if name == "profile":
+        return run_profile(package, samples, start, args.batch_size)
+    return plain_forward(package, samples, args.device, args.batch_size)
+
+
+def timed(name, models, samples, args):
+    sync(args.device)
+    began = time.perf_counter()
+    result = run_method(name, models, samples, args)
+    sync(args.device)
+    return result, time.perf_counter() - began
+
+
+def matmul_rate(d: int, vocab: int, device: str, dtype: torch.dtype, rows: int) -> float:
+    """FLOP/s of one [rows, d] x [d, |V|] product in the decoder's dtypes (fp32 output), best of 3."""
+    x = torch.randn(rows, d, device=device).to(dtype)
+    w = torch.randn(vocab, d, device=device).to(dtype)
+    fp32_out = dtype != torch.float32
+
+    def mm():
+        return torch.mm(x, w.T, out_dtype=torch.float32) if fp32_out else torch.mm(x, w.T)
+
+    mm()
+    best = math.inf
+    for _ in range(3):
+        sync(device)
+        began = time.perf_counter()
+        mm()
+        sync(device)
+        best = min(best, time.perf_counter() - began)
+    return 2 * rows * d * vocab / best
+
+
+def _rss_kib(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def peak_memory(name, models, samples, args) -> int:
+    """Peak bytes a method adds: CUDA in process; CPU in this (fresh child) process, via VmHWM."""
+    if args.device.startswith("cuda"):
+        sync(args.device)
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        run_method(name, models, samples, args)
+        sync(args.device)
+        return torch.cuda.max_memory_allocated() - base
+    base = _rss_kib("VmRSS")
+    try:
+        Path("/proc/self/clear_refs").write_text("5")  # reset the peak-RSS mark (Linux ≥ 4.0)
+        run_method(name, models, samples, args)
+        return (_rss_kib("VmHWM") - base) * 1024
+    except OSError:  # no clear_refs: the lifetime peak, still from a fresh process
+        run_method(name, models, samples, args)
+        return (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) * 1024
+
+
+def cpu_peak_in_child(name: str) -> int:
+    """Run this script again to measure one method's peak RSS in a process of its own."""
+    argv = [sys.executable, __file__, *sys.argv[1:], "--memory-of", name]
+    out = subprocess.run(argv, check=True, capture_output=True, text=True).stdout
+    return json.loads(out.strip().splitlines()[-1])["peak_bytes"]
+
+
+def compare(ref: dict, other: dict) -> tuple[float, float]:
+    """(max |per-token difference|, max |difference of per-site means|) over the sites both report."""
+    keys = [k for k in ref if k in other]
+    token = max((ref[k].double() - other[k].double()).abs().max().item() for k in keys)
+    mean = max(abs(ref[k].double().mean().item() - other[k].double().mean().item()) for k in keys)
+    return token, mean
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--shape", choices=SHAPES, default="small")
+    parser.add_argument("--samples", type=int, default=None)
+    parser.add_argument("--prompt", type=int, default=None, help="prompt tokens per sample")
+    parser.add_argument("--response", type=int, default=None, help="response tokens per sample")
+    parser.add_argument("--batch-size", type=int, default=None, help="package batch size (default: all samples)")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--memory-of", choices=(*METHODS, "forward"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    defaults = LENGTHS[args.shape]
+    args.samples = args.samples or defaults[0]
+    args.prompt = args.prompt or defaults[1]
+    args.response = args.response or defaults[2]
+    args.batch_size = args.batch_size or args.samples
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    cuda = args.device.startswith("cuda")
+    if cuda:
+        torch.cuda.set_device(torch.device(args.device))
+
+    models = build_models(args.shape, args.device)
+    samples = make_samples(args, SHAPES[args.shape]["vocab_size"])
+    if args.memory_of:
+        print(json.dumps({"peak_bytes": peak_memory(args.memory_of, models, samples, args)}))
+        return
+
+    spec = describe(models[1])
+    d, vocab, layers = spec.d_model, spec.vocab_size, spec.n_layers
+    tokens = args.samples * args.response
+    pkg_dtype = models[1].dtype
+    print(f"device={args.device} shape={args.shape} d={d} layers={layers} |V|={vocab} samples={args.samples} "
+          f"prompt={args.prompt} response={args.response} kept tokens={tokens} package dtype={pkg_dtype} "
+          f"threads={torch.get_num_threads()}")
+    warm = [s[: args.prompt + 8] for s in samples[:1]]
+    for name in METHODS:  # warm-up: kernels, allocator, lazy init
+        run_method(name, models, warm, args)
+
+    results, seconds = {}, {}
+    for name in METHODS:
+        results[name], seconds[name] = timed(name, models, samples, args)
+        print(f"{name:>8}: {seconds[name]:8.2f} s  {tokens / seconds[name]:10.1f} tokens/s")
+    summary = results["profile"].summary.set_index(["layer", "component"])["entropy"]
+    profile_means = {key: torch.tensor([value]) for key, value in summary.items()}
+    official_means = {key: value.mean()[None] for key, value in results["official"].items() if key != "final"}
+    token_diff, mean_diff = compare(results["official"], results["engine"])
+    _, profile_mean_diff = compare(official_means, profile_means)
+    print(f"agreement with the fp32 official method: engine max |ΔH| per token {token_diff:.2e} nats, per-site mean "
+          f"{mean_diff:.2e}; profile per-site mean {profile_mean_diff:.2e} nats "
+          f"(mean H over sites {torch.cat([v for k, v in results['engine'].items()]).mean():.3f}, ln|V|={math.log(vocab):.3f})")
+    tolerance = 0.02 if cuda else 1e-3
+    agree = max(mean_diff, profile_mean_diff) <= tolerance
+    print(f"agree (per-site means within {tolerance} nats): {agree}")
+
+    decodings = (1 + (len(COMPONENTS)) * layers) * tokens
+    decoder = Decoder.from_spec(spec)
+    rate = matmul_rate(d, vocab, args.device, pkg_dtype, decoder._chunks()[0])
+    ideal = decodings * 2 * d * vocab / rate
+    roofline = {name: ideal / seconds[name] for name in ("engine", "profile")}
+    print(f"matmul rate ({'bf16→fp32' if pkg_dtype != torch.float32 else 'fp32'}): {rate / 1e9:.1f} GFLOP/s; "
+          f"{decodings} decodings x 2·d·|V| → ideal {ideal:.2f} s; roofline fraction: engine {roofline['engine']:.2f}, "
+          f"profile {roofline['profile']:.2f}")
+
+    peaks = {}
+    for name in (*METHODS, "forward"):
+        peaks[name] = peak_memory(name, models, samples, args) if cuda else cpu_peak_in_child(name)
+    mib = {k: v / 2**20 for k, v in peaks.items()}
+    chunk = math.prod(decoder._chunks()) * 4 / 2**20
+    print("peak memory above the loaded model (MiB): " + ", ".join(f"{k} {v:.0f}" for k, v in mib.items()))
+    print(f"profile's extra over a plain forward: {mib['profile'] - mib['forward']:.0f} MiB "
+          f"(one decoder block = {chunk:.0f} MiB)")
+    speedup = seconds["official"] / seconds["profile"]
+    print(f"engine speedup over official: {seconds['official'] / seconds['engine']:.2f}x")
+    print(f"speedup={speedup:.2f} roofline={roofline['profile']:.2f} "
+          f"peak_mem_ratio={peaks['official'] / max(peaks['profile'], 1):.2f}")
+
+
+if __name__ == "__main__":
+    main()
