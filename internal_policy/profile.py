@@ -105,8 +105,8 @@ def _profile_batch(model, spec, decoder, batch, pad_id, components, token_sample
     flat = torch.from_numpy(np.concatenate([row * width + p for row, p in enumerate(kept)]))
     decode = set(components) | {DELTA_OF[c] for c in components if c in DELTA_OF}
     consumer = _BatchConsumer(decoder, flat.to(device), decode)
-    with torch.no_grad(), capture(model, consumer, spec):
-        model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+    with torch.no_grad(), capture(model, consumer, spec):  # logits_to_keep=1: no [B, T, V] output logits
+        model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, logits_to_keep=1)
 
     sites = [(0, "layer")] if "layer" in components else []
     sites += [(layer, c) for layer in range(1, spec.n_layers + 1) for c in ORDER if c in components]
