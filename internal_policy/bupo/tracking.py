@@ -60,7 +60,9 @@ def measure(model, tokenizer, records: list[dict], k: int, spec: ModelSpec | Non
     raw, actor = Decoder.from_spec(spec, final_norm=final_norm), Decoder.from_spec(spec, final_norm=True)
     entropy = {layer: raw.entropy(h) for layer, h in H.items()}
     rows = [{"metric": "entropy", "layer": layer, "value": e.mean().item()} for layer, e in entropy.items()]
-    rows.append({"metric": "actor_entropy", "layer": spec.n_layers, "value": actor.entropy(H[spec.n_layers]).mean().item()})
+    actor_logp = torch.log_softmax(actor.logits(H[spec.n_layers]), dim=-1)  # decoded once: entropy and perplexity
+    actor_entropy = -(actor_logp.exp() * actor_logp).sum(-1)
+    rows.append({"metric": "actor_entropy", "layer": spec.n_layers, "value": actor_entropy.mean().item()})
     rows.append({"metric": "delta_k", "layer": k, "value": (entropy[k] - entropy[k - 1]).mean().item()})
     logp_k = torch.log_softmax(raw.logits(H[k]), dim=-1)
     for layer in range(k + 1, spec.n_layers + 1):
@@ -69,7 +71,7 @@ def measure(model, tokenizer, records: list[dict], k: int, spec: ModelSpec | Non
         kl = (logp_k.exp() * (logp_k - logp_l)).sum(-1)
         rows.append({"metric": "kl_k", "layer": layer, "value": kl.mean().item()})
     targets = ids[:, 1:][keep[:, :-1]]
-    nll = -torch.log_softmax(actor.logits(H[spec.n_layers]), dim=-1).gather(-1, targets[:, None])[:, 0]
+    nll = -actor_logp.gather(-1, targets[:, None])[:, 0]
     rows.append({"metric": "perplexity", "layer": spec.n_layers, "value": nll.mean().exp().item()})
     return rows
 
