@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from internal_policy.data import read_jsonl
+from internal_policy.inputs import read_jsonl
 from internal_policy.models import load_model
 from internal_policy.plot import (
     Run,

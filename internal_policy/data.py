@@ -1,22 +1,33 @@
-"""Records → token ids and the positions to measure.
+"""Records → token ids and the positions to measure (the paper's token-position convention).
 
-A record is `{"text": ...}` (every position is kept) or `{"prompt": ..., "response": ...}`: the
-prompt is tokenised with special tokens, the response without, the two are concatenated and the
-kept positions are those whose *next* token is a response token (the positions at which the
-model produces the response). Kept positions are always one contiguous span `[start, stop)`.
+A record (see `inputs.py` for the file formats) is one of:
+- `{"text": ...}`: every position is kept;
+- `{"prompt": ..., "response": ...}`: the prompt is tokenised with special tokens, the response
+  without, the two are concatenated, and the kept positions are those whose *next* token is a
+  response token (the positions at which the model produces the response);
+- `{"messages": [...]}` whose last message is the assistant's: the earlier messages are the prompt,
+  the assistant content is the response; a `prompt` may also be a list of chat messages;
+- `{"prompt_ids": [...], "response_ids": [...]}`: token ids as `generate` saves them, used as is.
+
+Chat prompts go through the tokenizer's chat template with the generation prompt (Qwen3's
+`enable_thinking` and other template options via `chat`), so every template token, including an
+empty `<think></think>` block, belongs to the prompt. The response is the assistant content alone:
+the template's end-of-turn token (`<|im_end|>`, `<|eot_id|>`) is not a response token, as special
+tokens never are under this convention. Kept positions are one contiguous span `[start, stop)`.
 An optional `"id"` names the record; otherwise its 0-based index in the input does.
 """
 
 from __future__ import annotations
 
-import json
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
 from .errors import InputError
+
+Prompt = str | Sequence[Mapping[str, str]]
+"""A prompt: plain text, or chat messages `[{"role": ..., "content": ...}, ...]`."""
 
 
 @dataclass(frozen=True)
@@ -34,60 +45,100 @@ class Example:
         return self.stop - self.start
 
 
-def read_jsonl(path: str | Path) -> list[dict]:
-    """Read a JSONL file of records; a malformed line is reported with its line number."""
-    path = Path(path)
-    if not path.is_file():
-        raise InputError(f"input file {path} does not exist (pass a JSONL file of {{'text': ...}} records)")
-    records = []
-    with path.open(encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise InputError(f"{path}:{number}: not valid JSON ({err.msg} at column {err.colno}); "
-                                 "each line must be one JSON object") from None
-            if not isinstance(record, dict):
-                raise InputError(f"{path}:{number}: expected a JSON object like {{\"text\": ...}}, got {type(record).__name__}")
-            record.setdefault("_line", number)
-            records.append(record)
-    if not records:
-        raise InputError(f"{path} holds no records")
-    return records
+def _messages(value, where: str) -> list[dict]:
+    if not isinstance(value, Sequence) or isinstance(value, str) or not value:
+        raise InputError(f"{where}: chat messages must be a non-empty list of {{'role', 'content'}} objects")
+    for message in value:
+        if not isinstance(message, Mapping) or not isinstance(message.get("role"), str) \
+                or not isinstance(message.get("content"), str):
+            raise InputError(f"{where}: every chat message needs a string 'role' and a string 'content', got {message!r}")
+    return [dict(m) for m in value]
 
 
-def _where(record: dict, index: int) -> str:
+def render_prompt(prompt: Prompt, tokenizer, chat: Mapping | None = None) -> tuple[str, bool]:
+    """A prompt as the text the model continues, and whether tokenising it adds special tokens.
+
+    Chat messages go through the tokenizer's chat template with the generation prompt (`chat` holds
+    template options such as `{"enable_thinking": False}`); the template writes its own special
+    tokens. A tokenizer without a template (base models such as stories260K) joins the message
+    contents by blank lines and tokenises that like plain text.
+    """
+    if isinstance(prompt, str):
+        return prompt, True
+    messages = _messages(prompt, "prompt")
+    if getattr(tokenizer, "chat_template", None):
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, **(chat or {}))
+        return text, False
+    return "\n\n".join(m["content"] for m in messages) + "\n\n", True
+
+
+def prompt_ids(prompt: Prompt, tokenizer, chat: Mapping | None = None) -> list[int]:
+    """Token ids of a prompt (see `render_prompt`)."""
+    text, special = render_prompt(prompt, tokenizer, chat)
+    return list(tokenizer(text, add_special_tokens=special)["input_ids"])
+
+
+def _where(record: Mapping, index: int) -> str:
     line = record.get("_line")
     return f"record {record.get('id', index)!s}" + (f" (line {line})" if line else "")
 
 
+def split_record(record: Mapping, index: int = 0) -> tuple[Prompt | None, str | None]:
+    """(prompt, response) of a prompt-style record; response is None when the record only holds a prompt."""
+    where = _where(record, index)
+    if record.get("messages") is not None:
+        messages = _messages(record["messages"], where)
+        if messages[-1]["role"] == "assistant":
+            if len(messages) == 1:
+                raise InputError(f"{where}: 'messages' holds only the assistant's reply; add the user's message")
+            return messages[:-1], messages[-1]["content"]
+        return messages, None
+    prompt, response = record.get("prompt"), record.get("response")
+    if prompt is None:
+        raise InputError(f"{where}: expected a 'text', 'prompt' (+ 'response'), 'messages' or 'prompt_ids' field, "
+                         f"got {sorted(k for k in record if k != '_line')}")
+    if not isinstance(prompt, str):
+        prompt = _messages(prompt, where)
+    if response is not None and not isinstance(response, str):
+        raise InputError(f"{where}: 'response' must be a string, got {type(response).__name__}")
+    return prompt, response
+
+
+def _ids(value, name: str, where: str) -> list[int]:
+    if not isinstance(value, Sequence) or not all(isinstance(i, int) and i >= 0 for i in value):
+        raise InputError(f"{where}: '{name}' must be a list of non-negative token ids")
+    return list(value)
+
+
 def tokenize_record(
-    record: dict, tokenizer, index: int, max_length: int | None = None, truncate: bool = False
+    record: Mapping, tokenizer, index: int, max_length: int | None = None, truncate: bool = False,
+    chat: Mapping | None = None,
 ) -> Example:
     """Tokenise one record into an `Example` (see module docstring for the kept positions)."""
     where = _where(record, index)
-    if "text" in record:
+    if record.get("text") is not None:
         text = record["text"]
         if not isinstance(text, str) or not text.strip():
             raise InputError(f"{where}: 'text' is empty; remove the record or give it text")
         ids = tokenizer(text, add_special_tokens=True)["input_ids"]
         start, stop = 0, len(ids)
-    elif "prompt" in record and "response" in record:
-        prompt, response = record["prompt"], record["response"]
-        if not isinstance(prompt, str) or not isinstance(response, str):
-            raise InputError(f"{where}: 'prompt' and 'response' must be strings")
-        prompt_ids = tokenizer(prompt, add_special_tokens=True)["input_ids"]
-        response_ids = tokenizer(response, add_special_tokens=False)["input_ids"]
-        if not response_ids:
-            raise InputError(f"{where}: the response tokenises to nothing; remove the record or give it a response")
-        ids = prompt_ids + response_ids
-        start, stop = max(len(prompt_ids) - 1, 0), len(ids) - 1
+    else:
+        if record.get("prompt_ids") is not None:
+            head = _ids(record["prompt_ids"], "prompt_ids", where)
+            tail = _ids(record.get("response_ids") or [], "response_ids", where)
+        else:
+            prompt, response = split_record(record, index)
+            if response is None:
+                raise InputError(f"{where}: has a prompt but no response; pass --generate to sample responses "
+                                 "from the model, or give each record a 'response'")
+            head = prompt_ids(prompt, tokenizer, chat)
+            tail = tokenizer(response, add_special_tokens=False)["input_ids"]
+        if not tail:
+            raise InputError(f"{where}: the response is empty; remove the record or give it a response")
+        ids = head + tail
+        start, stop = max(len(head) - 1, 0), len(ids) - 1
         if stop <= start:
             raise InputError(f"{where}: no position predicts a response token (empty prompt and one-token response)")
-    else:
-        raise InputError(f"{where}: expected a 'text' field or 'prompt' and 'response' fields, got {sorted(record)}")
     cut = 0
     if max_length is not None and len(ids) > max_length:
         if not truncate:
@@ -103,10 +154,16 @@ def tokenize_record(
 
 
 def tokenize_records(
-    records: Sequence[dict], tokenizer, max_length: int | None = None, truncate: bool = False
+    records: Sequence[Mapping], tokenizer, max_length: int | None = None, truncate: bool = False,
+    chat: Mapping | None = None,
 ) -> list[Example]:
-    """Tokenise all records; record ids must be unique (they key results and resumption)."""
-    examples = [tokenize_record(r, tokenizer, i, max_length, truncate) for i, r in enumerate(records)]
+    """Tokenise all records; record ids must be unique (they key results and resumption).
+
+    Generated records whose response is empty (the model stopped at once) have no position to
+    measure and are skipped; any other empty response is an input error.
+    """
+    examples = [tokenize_record(r, tokenizer, i, max_length, truncate, chat) for i, r in enumerate(records)
+                if not (r.get("prompt_ids") is not None and not r.get("response_ids"))]
     seen: set[str] = set()
     for example in examples:
         if example.record_id in seen:

@@ -20,9 +20,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -33,6 +32,7 @@ from tqdm.auto import tqdm
 from . import __version__
 from .capture import COMPONENTS, Site, capture
 from .data import Example, batched, pad_batch, tokenize_records
+from .dist import atomic_write, barrier, rank_world
 from .entropy import Decoder, row_cosine
 from .errors import InputError
 from .models import ModelSpec, context_length, describe, pad_token_id
@@ -45,7 +45,7 @@ DELTA_OF = {"layer": "layer", "attn": "attn_in", "ffn": "ffn_in"}
 COSINE_OF = {"attn": "layer", "ffn": "resid_mid"}
 """Residual cosines: cos(A_l, H_{l-1}) and cos(F_l, resid_mid)."""
 STATS = ("entropy", "delta", "cos")
-SETTINGS = ("model", "final_norm", "components", "token_sample", "seed", "truncate")
+SETTINGS = ("model", "final_norm", "components", "token_sample", "seed", "truncate", "chat")
 """run.json keys that must match for `resume` to continue a run."""
 
 
@@ -190,23 +190,6 @@ def _concat_parquet(parts: list[Path], target: Path) -> None:
             writer.close()
 
 
-def _atomic_write(path: Path, write) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    write(tmp)
-    os.replace(tmp, path)
-
-
-def _dist() -> tuple[int, int]:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
-
-
-def _barrier() -> None:
-    if _dist()[1] > 1:
-        torch.distributed.barrier()
-
-
 class _RunDir:
     """The on-disk state of a run: settings, finished shards, final tables."""
 
@@ -225,45 +208,46 @@ class _RunDir:
             if changed:
                 raise InputError(f"cannot resume {self.path}: settings differ from the interrupted run in {changed}; "
                                  "use the same settings or another --out")
-        _barrier()
+        barrier()
         if rank == 0:
             self.shards.mkdir(parents=True, exist_ok=True)
             for orphan in self.shards.glob("*"):
                 if orphan.suffix != ".done" and not (self.shards / (orphan.name.split(".")[0] + ".done")).exists():
                     orphan.unlink()
-            _atomic_write(run_json, lambda p: p.write_text(json.dumps({**meta, "status": "running"}, indent=2)))
-        _barrier()
+            atomic_write(run_json, lambda p: p.write_text(json.dumps({**meta, "status": "running"}, indent=2)))
+        barrier()
         return {rid for marker in self.shards.glob("*.done") for rid in json.loads(marker.read_text())}
 
     def write_shard(self, record_ids: list[str], sums: pd.DataFrame, tokens: pd.DataFrame | None) -> None:
         """Write one batch's results; the `.done` marker goes last, so a killed write leaves no trace."""
         name = hashlib.sha1("\n".join(sorted(record_ids)).encode()).hexdigest()[:16]
-        _atomic_write(self.shards / f"{name}.sums.parquet", lambda p: sums.to_parquet(p, index=False))
+        atomic_write(self.shards / f"{name}.sums.parquet", lambda p: sums.to_parquet(p, index=False))
         if tokens is not None:
-            _atomic_write(self.shards / f"{name}.tokens.parquet", lambda p: tokens.to_parquet(p, index=False))
-        _atomic_write(self.shards / f"{name}.done", lambda p: p.write_text(json.dumps(record_ids)))
+            atomic_write(self.shards / f"{name}.tokens.parquet", lambda p: tokens.to_parquet(p, index=False))
+        atomic_write(self.shards / f"{name}.done", lambda p: p.write_text(json.dumps(record_ids)))
 
     def finish(self, meta: dict, keep_tokens: bool) -> ProfileResult:
         """Merge every finished shard into summary.csv / tokens.parquet and mark the run complete."""
         names = sorted(p.name.split(".")[0] for p in self.shards.glob("*.done"))
         sums = pd.concat([pd.read_parquet(self.shards / f"{n}.sums.parquet") for n in names], ignore_index=True)
         summary = summarize(sums)
-        _atomic_write(self.path / "summary.csv", lambda p: summary.to_csv(p, index=False))
+        atomic_write(self.path / "summary.csv", lambda p: summary.to_csv(p, index=False))
         if keep_tokens:
-            _atomic_write(self.path / "tokens.parquet",
+            atomic_write(self.path / "tokens.parquet",
                           lambda p: _concat_parquet([self.shards / f"{n}.tokens.parquet" for n in names], p))
         n_records = sum(len(json.loads((self.shards / f"{n}.done").read_text())) for n in names)
         first = summary.iloc[0]
         meta = {**meta, "n_records": n_records, "n_tokens": int(first["n_tokens"]), "status": "complete"}
-        _atomic_write(self.path / "run.json", lambda p: p.write_text(json.dumps(meta, indent=2)))
+        atomic_write(self.path / "run.json", lambda p: p.write_text(json.dumps(meta, indent=2)))
         return ProfileResult(summary, meta, self.path)
 
 
 def profile(
     model: torch.nn.Module,
     tokenizer,
-    records: Sequence[dict],
+    records: Sequence[Mapping],
     *,
+    chat: Mapping | None = None,
     components: Sequence[str] | None = None,
     final_norm: bool = False,
     batch_size: int = 8,
@@ -280,7 +264,8 @@ def profile(
     """Profile internal-policy entropies of `model` over `records` (see module docstring).
 
     With `out_dir`, results are written batch by batch and `resume=True` continues an interrupted
-    run; without it everything stays in memory. `token_sample` (0 < f < 1) decodes a seeded random
+    run; without it everything stays in memory. `chat` holds chat-template options for chat records
+    (e.g. `{"enable_thinking": False}` for Qwen3). `token_sample` (0 < f < 1) decodes a seeded random
     fraction of the kept positions; the summary's `*_se` columns give each mean's standard error.
     """
     components = check_components(components)
@@ -290,14 +275,15 @@ def profile(
         raise InputError(f"batch_size must be at least 1, got {batch_size}")
     spec = spec or describe(model)
     decoder = Decoder.from_spec(spec, final_norm=final_norm)
-    examples = tokenize_records(records, tokenizer, context_length(model), truncate)
-    rank, world = _dist()
+    examples = tokenize_records(records, tokenizer, context_length(model), truncate, chat)
+    rank, world = rank_world()
     meta = {
         "model": model_name or getattr(model.config, "_name_or_path", type(model).__name__),
         "model_type": spec.model_type, "n_layers": spec.n_layers, "vocab_size": spec.vocab_size,
         "d_model": spec.d_model, "dtype": str(spec.unembed_weight.dtype).removeprefix("torch."),
         "device": str(spec.unembed_weight.device), "final_norm": final_norm, "components": list(components),
-        "token_sample": token_sample, "seed": seed, "truncate": truncate,
+        "token_sample": token_sample, "seed": seed, "truncate": truncate, "chat": dict(chat or {}),
+        "skipped_empty_responses": len(records) - len(examples),
         "truncated_tokens": sum(e.truncated for e in examples), "world_size": world, "version": __version__,
         "layer_numbering": "paper: 1..L, 0 = embedding output",
     }
@@ -326,7 +312,7 @@ def profile(
         tokens = pd.concat(all_tokens, ignore_index=True) if keep_tokens else None
         meta.update(n_records=len(examples), n_tokens=int(summary.iloc[0]["n_tokens"]), status="complete")
         return ProfileResult(summary, meta, _tokens=tokens)
-    _barrier()
+    barrier()
     result = run.finish(meta, keep_tokens) if rank == 0 else None
-    _barrier()
+    barrier()
     return result if result is not None else load_run(run.path)

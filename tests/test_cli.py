@@ -35,8 +35,11 @@ def test_profile_default_run_writes_tables(tmp_path, capsys):
         (None, [], "does not exist"),
         ([{"text": "A cat."}, "{not json", {"text": "B"}], [], r":2: not valid JSON"),
         ([{"text": "A cat."}, {"text": "  "}], [], r"record 1 \(line 2\): 'text' is empty"),
-        ([{"prompt": "A cat", "response": ""}], [], "response tokenises to nothing"),
-        ([{"question": "x"}], [], "expected a 'text' field"),
+        ([{"prompt": "A cat", "response": ""}], [], r"record 0 \(line 1\): the response is empty"),
+        ([{"question": "x"}], [], r"line 1: no 'text', 'prompt', 'messages' or 'prompt_ids' field \(fields: \['question'\]\)"),
+        ([{"prompt": "A cat"}], [], "has a prompt but no response; pass --generate"),
+        ([{"text": "A cat."}], ["--generate", "--max-new-tokens", "0"], "max_new_tokens >= 1"),
+        ([{"text": "A cat."}], ["--generate"], "--generate needs prompts"),
         ([{"text": "The cat sat. " * 200}], [], "longer than the model's context of 512.*--truncate"),
         ([{"text": "A cat."}], ["--components", "attn,mlp"], r"unknown component\(s\) \['mlp'\]"),
         ([{"text": "A cat."}], ["--dtype", "float8"], "unknown dtype 'float8'"),
@@ -67,3 +70,29 @@ def test_existing_run_needs_resume(tmp_path, capsys):
     assert main(args) == 0
     assert main(args) == 2 and "--resume" in capsys.readouterr().err
     assert main(args + ["--resume"]) == 0
+
+
+def test_torchrun_two_ranks_equal_one_process(tmp_path):
+    """The README's data-parallel command: generation is identical, the merged profile equal to float rounding."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    prompts = _jsonl(tmp_path / "p.jsonl", [{"id": f"p{i}", "prompt": p} for i, p in
+                                            enumerate(["Once upon a time", "Tom had a red ball.", "The sun was"])])
+    args = ["profile", "--input", str(prompts), "--generate", "-n", "3", "--max-new-tokens", "20", "--quiet",
+            "--device", "cpu", "--batch-size", "2"]
+    torchrun = Path(sys.executable).with_name("torchrun")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([str(torchrun), "--nproc-per-node", "2", "-m", "internal_policy.cli", *args,
+                           "--out", str(tmp_path / "two")], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.count("records,") == 1  # only rank 0 reports
+    assert main([*args, "--out", str(tmp_path / "one")]) == 0
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert (two / "responses.jsonl").read_text() == (one / "responses.jsonl").read_text()
+    assert json.loads((two / "run.json").read_text())["world_size"] == 2
+    a, b = pd.read_csv(one / "summary.csv"), pd.read_csv(two / "summary.csv")
+    means = [c for c in a.columns if not c.endswith(("_sum", "_sumsq"))]
+    pd.testing.assert_frame_equal(a[means], b[means], check_exact=False, atol=1e-6, rtol=0)

@@ -1,53 +1,44 @@
-"""Prompt sets for BuPO training and evaluation: the shipped benchmarks, parquet files or JSONL.
+"""Prompt sets for BuPO training and evaluation: a DataFrame of `prompt` and `answer`.
 
-A prompt set is a DataFrame with `prompt` (a string, or chat messages) and `answer` (gold final
-answer, may be empty for toy rewards). The official BuPO parquet layout (`prompt` messages +
-`reward_model.ground_truth`) and plain JSONL records `{"prompt": ..., "answer": ...}` are accepted.
+`prompt` is a string or chat messages, `answer` the gold final answer (empty for toy rewards). Any
+input `inputs.read_records` reads works: the shipped benchmarks, the official BuPO parquet layout
+(`prompt` messages + `reward_model.ground_truth`), JSONL `{"prompt": ..., "answer": ...}`, a saved
+HF dataset. `messages` records count as prompts too (a final assistant message is dropped).
 """
 
 from __future__ import annotations
 
-from importlib import resources
 from pathlib import Path
 
 import pandas as pd
 
+from ..data import render_prompt, split_record
 from ..errors import InputError
+from ..inputs import BENCHMARKS, read_records
 
-BENCHMARKS = ("math500", "amc2023", "aime_2024", "aime_2025")
-"""Evaluation sets shipped in internal_policy/assets/bupo (MIT, Copyright (c) 2025 Interplay-LM)."""
+__all__ = ["BENCHMARKS", "load_prompts", "prompt_text"]
 
 
-def _asset(name: str) -> Path:
-    return Path(str(resources.files("internal_policy") / "assets" / "bupo" / f"{name}.parquet"))
+def _answer(record: dict) -> str:
+    if record.get("answer") is not None:
+        return str(record["answer"])
+    if isinstance(record.get("reward_model"), dict):
+        return str(record["reward_model"].get("ground_truth", ""))
+    return str(record.get("final_answer") or "")
 
 
 def load_prompts(source: str | Path) -> pd.DataFrame:
-    """A prompt set from a shipped benchmark name, a .parquet or a .jsonl file → DataFrame[prompt, answer]."""
-    path = _asset(str(source)) if str(source) in BENCHMARKS else Path(source)
-    if not path.is_file():
-        raise InputError(f"prompt set {source!r} not found; give one of {', '.join(BENCHMARKS)} or a "
-                         ".parquet/.jsonl file with 'prompt' and 'answer' columns")
-    frame = pd.read_parquet(path) if path.suffix == ".parquet" else pd.read_json(path, lines=True)
-    if "prompt" not in frame.columns:
-        raise InputError(f"{path} has no 'prompt' column (columns: {list(frame.columns)})")
-    if "answer" not in frame.columns:
-        if "reward_model" in frame.columns:
-            frame["answer"] = [str(r["ground_truth"]) for r in frame["reward_model"]]
-        elif "final_answer" in frame.columns:
-            frame["answer"] = frame["final_answer"].astype(str)
-        else:
-            frame["answer"] = ""
-    frame["prompt"] = [p.tolist() if hasattr(p, "tolist") else p for p in frame["prompt"]]
-    return frame[["prompt", "answer"]].reset_index(drop=True)
+    """A prompt set from a shipped benchmark name or any file `read_records` reads → DataFrame[prompt, answer]."""
+    records = read_records(source)
+    prompts = []
+    for index, record in enumerate(records):
+        if record.get("prompt") is None and record.get("messages") is None:
+            raise InputError(f"{source}: record {index} has no 'prompt' or 'messages' (fields: {sorted(record)}); "
+                             "a prompt set needs prompts and, for math rewards, an 'answer'")
+        prompts.append(split_record(record, index)[0])
+    return pd.DataFrame({"prompt": prompts, "answer": [_answer(r) for r in records]})
 
 
 def prompt_text(prompt, tokenizer) -> str:
-    """A prompt as the text the model continues: chat messages go through the tokenizer's chat template,
-    or, for a tokenizer without one (base models such as stories260K), are joined by blank lines."""
-    if isinstance(prompt, str):
-        return prompt
-    messages = [dict(m) for m in prompt]
-    if getattr(tokenizer, "chat_template", None):
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    return "\n\n".join(str(m["content"]) for m in messages) + "\n\n"
+    """A prompt as the text the model continues (chat template, or blank-line-joined messages without one)."""
+    return render_prompt(prompt, tokenizer)[0]

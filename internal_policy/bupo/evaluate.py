@@ -2,8 +2,9 @@
 
 Pass@K for a problem with n samples of which c are correct is 1 − C(n−c, K)/C(n, K) (Chen et al.
 2021), the probability that K samples drawn without replacement contain a correct one; Avg@n is the
-mean accuracy over the n samples. Sampling uses HF `generate` (temperature 1, top_p 1 as in the
-paper); for large n on big models generate with vLLM and score with `score_completions`.
+mean accuracy over the n samples. Sampling goes through `internal_policy.generate` (temperature 1,
+top_p 1 as in the paper; HF `generate`); for large n on big models sample with vLLM
+(`generate(..., engine="vllm")`) and score with `score_completions`.
 """
 
 from __future__ import annotations
@@ -13,11 +14,10 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 import pandas as pd
-import torch
 
+from ..data import Prompt
 from ..errors import InputError
-from ..models import pad_token_id
-from .data import prompt_text
+from ..generate import Sampling, generate
 from .rewards import check_answer
 
 
@@ -61,27 +61,16 @@ def pass_at_k_curve(scores: pd.DataFrame) -> pd.DataFrame:
     return long
 
 
-@torch.no_grad()
-def sample_completions(model, tokenizer, prompts: Sequence[str], n: int, max_new_tokens: int = 512,
+def sample_completions(model, tokenizer, prompts: Sequence[Prompt], n: int, max_new_tokens: int = 512,
                        temperature: float = 1.0, top_p: float = 1.0, batch_size: int = 8, seed: int = 0) -> list[list[str]]:
-    """n sampled completions per prompt (left-padded batches, HF generate)."""
-    torch.manual_seed(seed)
-    pad = pad_token_id(tokenizer)
-    tokenizer.padding_side = "left"
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token_id = pad
-    device = next(model.parameters()).device
-    out: list[list[str]] = []
-    for prompt in prompts:
-        texts: list[str] = []
-        while len(texts) < n:
-            m = min(batch_size, n - len(texts))
-            enc = tokenizer([prompt] * m, return_tensors="pt", padding=True).to(device)
-            gen = model.generate(**enc, do_sample=True, temperature=temperature, top_p=top_p, top_k=0,
-                                 max_new_tokens=max_new_tokens, pad_token_id=pad)
-            texts += tokenizer.batch_decode(gen[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
-        out.append(texts)
-    return out
+    """n sampled completions per prompt (text or chat messages), as text; sampling is `internal_policy.generate`."""
+    records = [{"id": str(i), "prompt": p} for i, p in enumerate(prompts)]
+    responses = generate(model, tokenizer, records, Sampling(n, temperature, top_p, max_new_tokens, seed),
+                         batch_size=batch_size, progress=False)
+    texts: list[list[str]] = [[] for _ in prompts]
+    for response in responses:
+        texts[int(response["prompt_id"])].append(response["response"])
+    return texts
 
 
 def score_completions(benchmark: str, answers: Sequence[str], completions: Sequence[Sequence[str]],
@@ -99,8 +88,7 @@ def evaluate(model, tokenizer, prompt_sets: dict[str, pd.DataFrame], n: int, lim
     parts = []
     for name, frame in prompt_sets.items():
         frame = frame.head(limit) if limit else frame
-        prompts = [prompt_text(p, tokenizer) for p in frame["prompt"]]
-        completions = sample_completions(model, tokenizer, prompts, n, **sampling)
+        completions = sample_completions(model, tokenizer, list(frame["prompt"]), n, **sampling)
         parts.append(score_completions(name, list(frame["answer"]), completions))
     return pd.concat(parts, ignore_index=True)
 

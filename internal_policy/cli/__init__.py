@@ -27,7 +27,3 @@ def main(argv: list[str] | None = None) -> int:
     except (InputError, UnsupportedModelError, FileNotFoundError) as err:
         print(f"internal-policy {args.command}: error: {err}", file=sys.stderr)
         return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 from importlib import resources
 from pathlib import Path
 
@@ -14,8 +13,17 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("profile", help="entropy of every internal policy (layer, attn, ffn, ...) per token",
                        description="Profile internal-policy entropies; writes summary.csv, tokens.parquet, run.json.")
     p.add_argument("--model", default=None, help="local HF model folder or name (default: embedded stories260K)")
-    p.add_argument("--input", default=None, help="JSONL of {'text'} or {'prompt','response'} records "
-                                                 "(default: bundled sample stories)")
+    p.add_argument("--input", default=None,
+                   help="records: .jsonl ({'text'}, {'prompt','response'}, {'messages'}), .parquet, a saved HF "
+                        "dataset folder, a plain text file (one record per paragraph), or a shipped benchmark "
+                        "(math500, amc2023, aime_2024, aime_2025); default: bundled sample stories")
+    p.add_argument("--split", default=None, help="split of a saved HF DatasetDict")
+    p.add_argument("--thinking", choices=("on", "off"), default=None,
+                   help="Qwen3-style chat templates: enable_thinking on/off (default: the template's own)")
+    p.add_argument("--chat-option", action="append", default=[], metavar="KEY=VALUE",
+                   help="extra chat-template option (VALUE parsed as JSON when it can be); repeatable")
+    p.add_argument("--chat-template", default=None, metavar="FILE",
+                   help="Jinja chat template to use instead of the tokenizer's (e.g. for a base model)")
     p.add_argument("--out", required=True, help="run folder to write (created; --resume continues it)")
     p.add_argument("--final-norm", action="store_true", help="apply the final norm before decoding (logit lens); "
                                                              "default: raw h·W_Uᵀ as in the paper")
@@ -30,31 +38,52 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--token-sample", type=float, default=None, help="decode a random fraction of positions")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-tokens", action="store_true", help="skip tokens.parquet (summary only; for big runs)")
+    g = p.add_argument_group("response generation (--generate)")
+    g.add_argument("--generate", action="store_true",
+                   help="sample responses from the model for each prompt, save them to OUT/responses.jsonl, "
+                        "then profile them (re-profile later with --input OUT/responses.jsonl)")
+    g.add_argument("-n", "--samples", type=int, default=1, help="responses per prompt")
+    g.add_argument("--temperature", type=float, default=1.0, help="paper: 1.0")
+    g.add_argument("--top-p", type=float, default=1.0, help="paper: 1.0")
+    g.add_argument("--max-new-tokens", type=int, default=512, help="paper's analysis: 3072")
+    g.add_argument("--engine", choices=("auto", "hf", "vllm"), default="auto",
+                   help="auto: vLLM when installed and a GPU is present, else HF generate")
+    g.add_argument("--gen-batch-size", type=int, default=None,
+                   help="rows per generation batch (default: --batch-size; 256 with vLLM)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
     p.add_argument("--plot", action="store_true", help="also draw the figures into OUT/figures")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(handler=run)
 
 
-def _init_distributed(device: str | None) -> str:
-    """Under torchrun / accelerate launch (WORLD_SIZE > 1): join the process group, pick this rank's GPU."""
-    import torch
+def chat_options(args: argparse.Namespace) -> dict:
+    """Chat-template options from --thinking and --chat-option KEY=VALUE."""
+    import json
 
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        return device or ("cuda" if torch.cuda.is_available() else "cpu")
-    local = int(os.environ.get("LOCAL_RANK", "0"))
-    cuda = torch.cuda.is_available() and (device is None or device.startswith("cuda"))
-    if not torch.distributed.is_initialized():
-        torch.distributed.init_process_group("nccl" if cuda else "gloo")
-    return f"cuda:{local}" if cuda else "cpu"
+    from ..errors import InputError
+
+    options = {}
+    for item in args.chat_option:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise InputError(f"--chat-option expects KEY=VALUE, got {item!r}")
+        try:
+            options[key] = json.loads(value)
+        except json.JSONDecodeError:
+            options[key] = value
+    if args.thinking is not None:
+        options["enable_thinking"] = args.thinking == "on"
+    return options
 
 
 def run(args: argparse.Namespace) -> int:
     from transformers.utils import logging as hf_logging
 
-    from ..data import read_jsonl
+    from .. import dist
     from ..errors import InputError
-    from ..models import load_model, resolve_dtype
+    from ..generate import Sampling, generate, pick_engine
+    from ..inputs import read_records
+    from ..models import default_model_path, load_model, resolve_dtype
     from ..profile import check_components, profile
 
     if args.batch_size < 1:
@@ -64,20 +93,42 @@ def run(args: argparse.Namespace) -> int:
         resolve_dtype(args.dtype)
     except ValueError as err:
         raise InputError(str(err)) from None
-    source = args.input or resources.files("internal_policy") / "assets" / "samples" / SAMPLE_INPUT
-    records = read_jsonl(Path(str(source)))
-    device = _init_distributed(args.device)
+    chat = chat_options(args)
+    sampling = Sampling(args.samples, args.temperature, args.top_p, args.max_new_tokens, args.seed)
+    if args.generate:
+        sampling.check()
+        engine = pick_engine(args.engine)
+    records = read_records(args.input or resources.files("internal_policy") / "assets" / "samples" / SAMPLE_INPUT,
+                           split=args.split)
+    device = dist.init(args.device)
     hf_logging.disable_progress_bar()
     model, tokenizer = load_model(args.model, dtype=args.dtype, device=device, device_map=args.device_map)
+    if args.chat_template:
+        tokenizer.chat_template = Path(args.chat_template).read_text(encoding="utf-8")
+    if args.generate:
+        records = generate(model, tokenizer, records, sampling, chat=chat, engine=engine, out_dir=args.out,
+                           batch_size=args.gen_batch_size or (256 if engine == "vllm" else args.batch_size),
+                           model_path=args.model or str(default_model_path()), resume=args.resume,
+                           progress=not args.quiet)
     result = profile(
-        model, tokenizer, records, components=components, final_norm=args.final_norm,
+        model, tokenizer, records, chat=chat, components=components, final_norm=args.final_norm,
         batch_size=args.batch_size, truncate=args.truncate, token_sample=args.token_sample, seed=args.seed,
-        keep_tokens=not args.no_tokens, out_dir=args.out, resume=args.resume, progress=not args.quiet,
-        model_name=args.model or "stories260K (embedded)",
+        keep_tokens=not args.no_tokens, out_dir=args.out, resume=args.resume,
+        progress=not args.quiet, model_name=args.model or "stories260K (embedded)",
     )
+    if dist.rank_world()[0] == 0:
+        _report(result, args)
+    return 0
+
+
+def _report(result, args: argparse.Namespace) -> None:
+    """What the run wrote, the layer-entropy flow in one line, and the figures with --plot."""
+    out = Path(args.out)
+    if args.generate:
+        skipped = result.meta.get("skipped_empty_responses", 0)
+        print(f"responses -> {out / 'responses.jsonl'}" + (f" ({skipped} empty ones not profiled)" if skipped else ""))
     if result.meta.get("truncated_tokens"):
         print(f"truncated {result.meta['truncated_tokens']} tokens to fit the model's context")
-    out = Path(args.out)
     layers = result.summary[result.summary["component"] == "layer"]
     if not layers.empty:
         flow = "  ".join(f"L{int(r.layer)}={r.entropy:.3f}" for r in layers.itertuples())
@@ -89,4 +140,3 @@ def run(args: argparse.Namespace) -> int:
 
         paths = plot_run(out, out / "figures")
         print(f"figures -> {out / 'figures'} ({len(paths)} files)")
-    return 0

@@ -53,7 +53,7 @@ def run(args: argparse.Namespace) -> int:
     from ..bupo.plots import plot_fig5, plot_fig7
     from ..bupo.rewards import reward_by_name
     from ..bupo.run import train
-    from ..data import read_jsonl
+    from ..inputs import read_jsonl
     from ..models import load_model
 
     reward = reward_by_name(args.reward)

@@ -1,0 +1,44 @@
+"""Data-parallel runs under `torchrun` / `accelerate launch`: rank, world size, barrier, atomic files.
+
+Profiling and generation split their work by rank and write one file per finished unit, each
+written to a temporary name and renamed, so a killed process never leaves a half-written result.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+
+def init(device: str | None) -> str:
+    """Under WORLD_SIZE > 1 join the process group (nccl on GPUs, gloo on CPU); return this rank's device."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return device or ("cuda" if torch.cuda.is_available() else "cpu")
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    cuda = torch.cuda.is_available() and (device is None or device.startswith("cuda"))
+    if not torch.distributed.is_initialized():
+        torch.distributed.init_process_group("nccl" if cuda else "gloo")
+    return f"cuda:{local}" if cuda else "cpu"
+
+
+def rank_world() -> tuple[int, int]:
+    """(rank, world size); (0, 1) outside torch.distributed."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def barrier() -> None:
+    """Wait for every rank (no-op in a single process)."""
+    if rank_world()[1] > 1:
+        torch.distributed.barrier()
+
+
+def atomic_write(path: Path, write: Callable[[Path], object]) -> None:
+    """Call `write(tmp)` then rename tmp → path, so `path` is either absent or complete."""
+    tmp = path.with_name(path.name + ".tmp")
+    write(tmp)
+    os.replace(tmp, path)
