@@ -76,11 +76,15 @@ class IdTokenizer:
         return " ".join(str(int(i)) for i in ids)
 
 
-def build_models(shape: str, device: str) -> tuple[torch.nn.Module, torch.nn.Module]:
-    """(official fp32 model, package model): the same weights; the package's is bf16 on CUDA."""
+def build_models(shape: str, device: str, layers: int | None = None,
+                 reference_needed: bool = True) -> tuple[torch.nn.Module | None, torch.nn.Module]:
+    """(official fp32 model, package model): the same weights; the package's is bf16 on CUDA.
+    `reference_needed=False` frees the fp32 model on CUDA (memory children of package methods)."""
     import transformers as tf
 
     params = dict(SHAPES[shape])
+    if layers:
+        params["num_hidden_layers"] = layers
     config_cls = {"llama": tf.LlamaConfig, "qwen3": tf.Qwen3Config}[params.pop("arch")]
     config = config_cls(**params, tie_word_embeddings=False, max_position_embeddings=8192)
     torch.manual_seed(0)
@@ -90,6 +94,10 @@ def build_models(shape: str, device: str) -> tuple[torch.nn.Module, torch.nn.Mod
             return reference, reference  # CPU: fp32 for both (CPU bf16 matmuls are slow, not a fair package setting)
         package = tf.AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).eval()
     package.load_state_dict(reference.state_dict())
+    if not reference_needed:
+        del reference
+        torch.cuda.empty_cache()
+        return None, package
     return reference, package
 
 
@@ -221,7 +229,7 @@ def timed(name, models, samples, args):
 
 
 def matmul_rate(d: int, vocab: int, device: str, dtype: torch.dtype, rows: int) -> float:
-    """FLOP/s of one [rows, d] x [d, |V|] product in the decoder's dtypes (fp32 output), best of 3."""
+    """FLOP/s of one [rows, d] x [d, vocab] product in the decoder's dtypes (fp32 output), best of 3."""
     x = torch.randn(rows, d, device=device).to(dtype)
     w = torch.randn(vocab, d, device=device).to(dtype)
     fp32_out = dtype != torch.float32
@@ -266,11 +274,29 @@ def peak_memory(name, models, samples, args) -> int:
         return (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) * 1024
 
 
-def cpu_peak_in_child(name: str) -> int:
-    """Run this script again to measure one method's peak RSS in a process of its own."""
-    argv = [sys.executable, __file__, *sys.argv[1:], "--memory-of", name]
-    out = subprocess.run(argv, check=True, capture_output=True, text=True).stdout
+def peak_in_child(name: str, *extra: str) -> int:
+    """Run this script again to measure one method's peak memory in a process of its own.
+
+    On CPU glibc keeps freed multi-MB blocks in its heap once its mmap threshold has adapted, so
+    peak RSS would measure fragmentation rather than live tensors; the child fixes the threshold
+    (MALLOC_MMAP_THRESHOLD_=128 KiB), so large tensors are mapped and unmapped as they live and die.
+    """
+    argv = [sys.executable, __file__, *sys.argv[1:], *extra, "--memory-of", name]
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072"}
+    out = subprocess.run(argv, check=True, capture_output=True, text=True, env=env).stdout
     return json.loads(out.strip().splitlines()[-1])["peak_bytes"]
+
+
+def decoding_memory(args, base: dict[str, int]) -> dict[str, float]:
+    """MiB the decodings add over a plain forward (engine peak − forward peak), at the default size,
+    at twice the response tokens and at twice the layers; each in fresh processes."""
+    def extra(*more: str) -> float:
+        peaks = base if not more else {m: peak_in_child(m, *more) for m in ("engine", "forward")}
+        return (peaks["engine"] - peaks["forward"]) / 2**20
+
+    layers = SHAPES[args.shape]["num_hidden_layers"]
+    return {"base": extra(), "2x tokens": extra("--response", str(2 * args.response)),
+            "2x layers": extra("--layers", str(2 * layers))}
 
 
 def compare(ref: dict, other: dict) -> tuple[float, float]:
@@ -290,6 +316,7 @@ def main() -> None:
     parser.add_argument("--response", type=int, default=None, help="response tokens per sample")
     parser.add_argument("--batch-size", type=int, default=None, help="package batch size (default: all samples)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--layers", type=int, default=None, help="override the shape's layer count")
     parser.add_argument("--memory-of", choices=(*METHODS, "forward"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     defaults = LENGTHS[args.shape]
@@ -303,7 +330,7 @@ def main() -> None:
     if cuda:
         torch.cuda.set_device(torch.device(args.device))
 
-    models = build_models(args.shape, args.device)
+    models = build_models(args.shape, args.device, args.layers, reference_needed=args.memory_of in (None, "official"))
     samples = make_samples(args, SHAPES[args.shape]["vocab_size"])
     if args.memory_of:
         print(json.dumps({"peak_bytes": peak_memory(args.memory_of, models, samples, args)}))
@@ -338,7 +365,9 @@ def main() -> None:
 
     decodings = (1 + (len(COMPONENTS)) * layers) * tokens
     decoder = Decoder.from_spec(spec)
-    rate = matmul_rate(d, vocab, args.device, pkg_dtype, decoder._chunks()[0])
+    token_chunk, vocab_chunk = decoder._chunks()
+    rate = max(matmul_rate(d, vocab, args.device, pkg_dtype, token_chunk),  # the whole unembedding
+               matmul_rate(d, min(vocab_chunk, vocab), args.device, pkg_dtype, token_chunk))  # one decoder block
     ideal = decodings * 2 * d * vocab / rate
     roofline = {name: ideal / seconds[name] for name in ("engine", "profile")}
     print(f"matmul rate ({'bf16→fp32' if pkg_dtype != torch.float32 else 'fp32'}): {rate / 1e9:.1f} GFLOP/s; "
@@ -347,12 +376,18 @@ def main() -> None:
 
     peaks = {}
     for name in (*METHODS, "forward"):
-        peaks[name] = peak_memory(name, models, samples, args) if cuda else cpu_peak_in_child(name)
+        peaks[name] = peak_memory(name, models, samples, args) if cuda else peak_in_child(name)
     mib = {k: v / 2**20 for k, v in peaks.items()}
-    chunk = math.prod(decoder._chunks()) * 4 / 2**20
-    print("peak memory above the loaded model (MiB): " + ", ".join(f"{k} {v:.0f}" for k, v in mib.items()))
-    print(f"profile's extra over a plain forward: {mib['profile'] - mib['forward']:.0f} MiB "
-          f"(one decoder block = {chunk:.0f} MiB)")
+    block = 2 * token_chunk * min(vocab_chunk, vocab) * 4 / 2**20  # logits + exp buffers, fp32
+    print("peak memory above the loaded model (MiB): " + ", ".join(f"{k} {v:.0f}" for k, v in mib.items())
+          + " (profile also holds its per-token table)")
+    del models
+    if cuda:
+        torch.cuda.empty_cache()
+    growth = decoding_memory(args, {k: peaks[k] for k in ("engine", "forward")})
+    print("decoding memory over a plain forward (MiB): " + ", ".join(f"{k} {v:.1f}" for k, v in growth.items())
+          + f"; bound: two decoder blocks = {block:.0f} MiB; "
+          + f"bounded: {max(growth.values()) <= block}")
     speedup = seconds["official"] / seconds["profile"]
     print(f"engine speedup over official: {seconds['official'] / seconds['engine']:.2f}x")
     print(f"speedup={speedup:.2f} roofline={roofline['profile']:.2f} "
