@@ -145,8 +145,11 @@ class Decoder:
     def _entropy_rows(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         """Online log-sum-exp over vocabulary chunks (see module docstring for the update)."""
         _, vocab_chunk = self._chunks()
-        # two reusable blocks: fresh multi-MB tensors per chunk cost page faults on CPU (~15% of the time)
-        z_buf, e_buf = torch.empty(2, x.shape[0] * min(vocab_chunk, self.vocab_size), device=x.device)
+        # reusable blocks: fresh multi-MB tensors per chunk cost page faults on CPU (~15% of the time);
+        # the CUDA fp32-output matmul allocates its own logits (the caching allocator makes that cheap)
+        block = x.shape[0] * min(vocab_chunk, self.vocab_size)
+        e_buf = torch.empty(block, device=x.device)
+        z_buf = None if self._fp32_out else torch.empty(block, device=x.device)
         m = s = u = None
         for start in range(0, self.vocab_size, vocab_chunk):
             z = self._logits(x, w, start, start + vocab_chunk, out=z_buf)
