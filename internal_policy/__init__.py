@@ -7,6 +7,8 @@ __version__ = "0.1.0"
 
 from .capture import COMPONENTS, capture, extract, forward_until
 from .entropy import Decoder, entropy_from_logits
+from .generate import Sampling, generate
+from .inputs import read_records
 from .models import ModelSpec, UnsupportedModelError, describe, load_model
 from .profile import ProfileResult, load_run, profile
 
@@ -16,13 +18,16 @@ __all__ = [
     "Decoder",
     "ModelSpec",
     "ProfileResult",
+    "Sampling",
     "UnsupportedModelError",
     "capture",
     "describe",
     "entropy_from_logits",
     "extract",
     "forward_until",
+    "generate",
     "load_model",
     "load_run",
     "profile",
+    "read_records",
 ]
