@@ -256,3 +256,18 @@ def test_two_process_merge_equals_single_process(stories, tmp_path):
     by_site = merged.tokens.groupby(["layer", "component"], sort=False)["entropy"]
     np.testing.assert_allclose(merged.summary["entropy"], by_site.mean().reindex(
         pd.MultiIndex.from_frame(merged.summary[["layer", "component"]])).to_numpy(), atol=1e-6)
+
+
+def test_accelerate_dispatched_model_profiles_the_same(stories, tmp_path):
+    """A device_map model (accelerate hooks; two blocks offloaded to disk) gives the same entropies."""
+    from transformers import AutoModelForCausalLM
+
+    model, tok = stories
+    device_map = {"model.embed_tokens": "cpu", "model.rotary_emb": "cpu", "model.norm": "cpu", "lm_head": "cpu",
+                  **{f"model.layers.{i}": "disk" if i in (1, 2) else "cpu" for i in range(describe(model).n_layers)}}
+    dispatched = AutoModelForCausalLM.from_pretrained(default_model_path(), device_map=device_map, dtype=torch.float32,
+                                                      offload_folder=str(tmp_path)).eval()
+    assert set(dispatched.hf_device_map.values()) == {"cpu", "disk"}
+    whole = profile(model, tok, RECORDS, progress=False)
+    split = profile(dispatched, tok, RECORDS, progress=False)
+    pd.testing.assert_frame_equal(split.summary, whole.summary, check_exact=False, atol=1e-6, rtol=0)
