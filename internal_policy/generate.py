@@ -170,6 +170,9 @@ def generate(
     mine = [b for b in range(len(batches)) if b not in done and b % world == rank]
     if engine == "vllm" and model_path is None:
         raise InputError("engine 'vllm' loads the model itself: pass model_path (the --model folder or name)")
+    if engine == "vllm" and world > 1:
+        raise InputError("vLLM is not run under torchrun (it manages its own GPUs): sample once in a single "
+                         "process with --engine vllm, then profile OUT/responses.jsonl with torchrun; or use --engine hf")
     eos = _eos_ids(model, tokenizer)
     sampler = _VLLMSampler(model_path, sampling) if engine == "vllm" else _HFSampler(model, tokenizer, sampling)
     bar = tqdm(total=sum(len(batches[b]) for b in mine), unit="resp", desc="generate", disable=not progress)
