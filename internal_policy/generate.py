@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
+import os
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -57,11 +58,13 @@ class Sampling:
 
 
 def pick_engine(engine: str) -> str:
-    """Resolve `auto`: vLLM when it is importable and a GPU is present, HF generate otherwise."""
+    """Resolve `auto`: vLLM when it is importable, a GPU is present and this is a single process;
+    HF generate otherwise."""
     if engine not in ENGINES:
         raise InputError(f"unknown generation engine {engine!r}; choose from {', '.join(ENGINES)}")
     if engine == "auto":
-        return "vllm" if importlib.util.find_spec("vllm") and torch.cuda.is_available() else "hf"
+        single = int(os.environ.get("WORLD_SIZE", "1")) <= 1
+        return "vllm" if single and importlib.util.find_spec("vllm") and torch.cuda.is_available() else "hf"
     if engine == "vllm" and not importlib.util.find_spec("vllm"):
         raise InputError("engine 'vllm' needs vLLM: pip install 'internal-policy[vllm]' (GPU only), or use --engine hf")
     return engine
