@@ -79,7 +79,8 @@ class IdTokenizer:
 def build_models(shape: str, device: str, layers: int | None = None,
                  reference_needed: bool = True) -> tuple[torch.nn.Module | None, torch.nn.Module]:
     """(official fp32 model, package model): the same weights; the package's is bf16 on CUDA.
-    `reference_needed=False` frees the fp32 model on CUDA (memory children of package methods)."""
+    `reference_needed=False` builds only the package model on CUDA (memory children of package
+    methods: the weights' values do not matter there, and a 2x-layer fp32 copy would not fit)."""
     import transformers as tf
 
     params = dict(SHAPES[shape])
@@ -89,15 +90,13 @@ def build_models(shape: str, device: str, layers: int | None = None,
     config = config_cls(**params, tie_word_embeddings=False, max_position_embeddings=8192)
     torch.manual_seed(0)
     with torch.device(device):
+        if device != "cpu" and not reference_needed:
+            return None, tf.AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).eval()
         reference = tf.AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
         if device == "cpu":
             return reference, reference  # CPU: fp32 for both (CPU bf16 matmuls are slow, not a fair package setting)
         package = tf.AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).eval()
     package.load_state_dict(reference.state_dict())
-    if not reference_needed:
-        del reference
-        torch.cuda.empty_cache()
-        return None, package
     return reference, package
 
 
