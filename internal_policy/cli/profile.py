@@ -36,7 +36,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                                                        "layer,attn_in,attn,resid_mid,ffn_in,ffn (default: all)")
     p.add_argument("--truncate", action="store_true", help="cut records longer than the context instead of failing")
     p.add_argument("--token-sample", type=float, default=None, help="decode a random fraction of positions")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of --token-sample and of --generate sampling")
     p.add_argument("--no-tokens", action="store_true", help="skip tokens.parquet (summary only; for big runs)")
     g = p.add_argument_group("response generation (--generate)")
     g.add_argument("--generate", action="store_true",
