@@ -247,6 +247,29 @@ def matmul_rate(d: int, vocab: int, device: str, dtype: torch.dtype, rows: int) 
     return 2 * rows * d * vocab / best
 
 
+def decoder_split(decoder: Decoder, d: int, device: str, rows: int) -> tuple[float, float]:
+    """(seconds of the chunked matmuls alone, seconds of `Decoder.entropy`) on one random token chunk, best of 3."""
+    x = torch.randn(rows, d, device=device).to(decoder.weight.dtype)
+    vocab_chunk = decoder._chunks()[1]
+
+    def matmuls():
+        for start in range(0, decoder.vocab_size, vocab_chunk):
+            decoder._logits(*decoder._prepare(x), start, start + vocab_chunk)
+
+    def best(fn) -> float:
+        fn()
+        times = []
+        for _ in range(3):
+            sync(device)
+            began = time.perf_counter()
+            fn()
+            sync(device)
+            times.append(time.perf_counter() - began)
+        return min(times)
+
+    return best(matmuls), best(lambda: decoder.entropy(x))
+
+
 def _rss_kib(field: str) -> int:
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith(field + ":"):
@@ -372,6 +395,11 @@ def main() -> None:
     print(f"matmul rate ({'bf16→fp32' if pkg_dtype != torch.float32 else 'fp32'}): {rate / 1e9:.1f} GFLOP/s; "
           f"{decodings} decodings x 2·d·|V| → ideal {ideal:.2f} s; roofline fraction: engine {roofline['engine']:.2f}, "
           f"profile {roofline['profile']:.2f}")
+    _, forward_s = timed("forward", models, samples, args)
+    mm_s, entropy_s = decoder_split(decoder, d, args.device, token_chunk)
+    print(f"where the rest goes: one token chunk's decoding is {mm_s / entropy_s:.0%} matmuls "
+          f"({mm_s * 1e3:.1f} of {entropy_s * 1e3:.1f} ms; the rest is exp and reductions); "
+          f"the plain forward pass is {forward_s / seconds['profile']:.0%} of profile's time")
 
     peaks = {}
     for name in (*METHODS, "forward"):

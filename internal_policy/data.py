@@ -78,9 +78,14 @@ def prompt_ids(prompt: Prompt, tokenizer, chat: Mapping | None = None) -> list[i
     return list(tokenizer(text, add_special_tokens=special)["input_ids"])
 
 
+def record_id(record: Mapping, index: int) -> str:
+    """A record's id: its `id` field, else its 0-based index in the input."""
+    return str(record.get("id", index))
+
+
 def _where(record: Mapping, index: int) -> str:
     line = record.get("_line")
-    return f"record {record.get('id', index)!s}" + (f" (line {line})" if line else "")
+    return f"record {record_id(record, index)}" + (f" (line {line})" if line else "")
 
 
 def split_record(record: Mapping, index: int = 0) -> tuple[Prompt | None, str | None]:
@@ -102,6 +107,14 @@ def split_record(record: Mapping, index: int = 0) -> tuple[Prompt | None, str | 
     if response is not None and not isinstance(response, str):
         raise InputError(f"{where}: 'response' must be a string, got {type(response).__name__}")
     return prompt, response
+
+
+def prompt_of(record: Mapping, index: int = 0) -> Prompt:
+    """The prompt of a record that must have one (to sample from, or as a prompt set's entry)."""
+    if record.get("prompt") is None and record.get("messages") is None:
+        raise InputError(f"{_where(record, index)}: needs a prompt ('prompt' or 'messages') to sample from, "
+                         f"got fields {sorted(k for k in record if k != '_line')}")
+    return split_record(record, index)[0]
 
 
 def _ids(value, name: str, where: str) -> list[int]:
@@ -149,8 +162,7 @@ def tokenize_record(
         stop = min(stop, max_length)
         if stop <= start:
             raise InputError(f"{where}: nothing left to measure after truncating to {max_length} tokens")
-    record_id = str(record.get("id", index))
-    return Example(record_id, tuple(int(i) for i in ids), start, stop, cut)
+    return Example(record_id(record, index), tuple(int(i) for i in ids), start, stop, cut)
 
 
 def tokenize_records(

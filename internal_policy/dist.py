@@ -1,7 +1,8 @@
-"""Data-parallel runs under `torchrun` / `accelerate launch`: rank, world size, barrier, atomic files.
+"""Run-folder mechanics shared by profiling and generation: ranks, barriers, atomic files, resuming.
 
-Profiling and generation split their work by rank and write one file per finished unit, each
-written to a temporary name and renamed, so a killed process never leaves a half-written result.
+Under `torchrun` / `accelerate launch` both split their work by rank and write one file per
+finished unit, each written to a temporary name and renamed, so a killed process never leaves a
+half-written result; a resumed run must use the settings it was started with.
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+
+from .errors import InputError
 
 
 def init(device: str | None) -> str:
@@ -42,3 +45,13 @@ def atomic_write(path: Path, write: Callable[[Path], object]) -> None:
     tmp = path.with_name(path.name + ".tmp")
     write(tmp)
     os.replace(tmp, path)
+
+
+def check_resume(where: Path, saved: dict, settings: dict, keys, resume: bool) -> None:
+    """Refuse to overwrite a started run without `resume`, and to resume it with other `keys` settings."""
+    if not resume:
+        raise InputError(f"{where} already holds a run; pass --resume to continue it or choose another --out")
+    changed = [k for k in keys if saved.get(k) != settings.get(k)]
+    if changed:
+        raise InputError(f"cannot resume {where}: settings differ from the interrupted run in {changed}; "
+                         "use the same settings or another --out")

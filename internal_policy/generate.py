@@ -29,8 +29,8 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .data import prompt_ids, split_record
-from .dist import atomic_write, barrier, rank_world
+from .data import prompt_ids, prompt_of, record_id
+from .dist import atomic_write, barrier, check_resume, rank_world
 from .errors import InputError
 from .models import context_length, pad_token_id
 
@@ -210,16 +210,13 @@ def _prompts(records: Sequence[Mapping], tokenizer, chat: Mapping | None, contex
     """(record id, prompt, prompt ids) of each record; fails early on a prompt that leaves no room to answer."""
     prompts = []
     for index, record in enumerate(records):
-        if record.get("prompt") is None and record.get("messages") is None:
-            raise InputError(f"record {record.get('id', index)}: --generate needs prompts ('prompt' or 'messages'), "
-                             f"got fields {sorted(k for k in record if k != '_line')}")
-        prompt = split_record(record, index)[0]
+        prompt = prompt_of(record, index)
         ids = prompt_ids(prompt, tokenizer, chat)
         if context is not None and len(ids) + max_new_tokens > context:
-            raise InputError(f"record {record.get('id', index)}: a {len(ids)}-token prompt plus max_new_tokens="
+            raise InputError(f"record {record_id(record, index)}: a {len(ids)}-token prompt plus max_new_tokens="
                              f"{max_new_tokens} exceeds the model's context of {context}; lower "
                              "--max-new-tokens or drop the long prompts")
-        prompts.append((str(record.get("id", index)), prompt, ids))
+        prompts.append((record_id(record, index), prompt, ids))
     return prompts
 
 
@@ -235,14 +232,7 @@ def _start(folder: Path, settings: dict, resume: bool) -> dict[int, list[dict]]:
     """Check/write the generation settings; return the finished batches {index: response records}."""
     saved = folder / "settings.json"
     if saved.exists():
-        old = json.loads(saved.read_text())
-        if not resume:
-            raise InputError(f"{folder} already holds generated responses; pass --resume to continue or reuse "
-                             "them, or choose another --out")
-        changed = [k for k in settings if old.get(k) != settings[k]]
-        if changed:
-            raise InputError(f"cannot resume generation in {folder}: settings differ in {changed}; "
-                             "use the same settings or another --out")
+        check_resume(folder, json.loads(saved.read_text()), settings, settings, resume)
     barrier()  # every rank has checked before rank 0 writes the settings
     if rank_world()[0] == 0:
         folder.mkdir(parents=True, exist_ok=True)

@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 from . import __version__
 from .capture import COMPONENTS, Site, capture
 from .data import Example, batched, pad_batch, tokenize_records
-from .dist import atomic_write, barrier, rank_world
+from .dist import atomic_write, barrier, check_resume, rank_world
 from .entropy import Decoder, row_cosine
 from .errors import InputError
 from .models import ModelSpec, context_length, describe, pad_token_id
@@ -201,13 +201,7 @@ class _RunDir:
         """Check resumability; return the ids of records already finished."""
         run_json = self.path / "run.json"
         if run_json.exists():
-            old = json.loads(run_json.read_text())
-            if not resume:
-                raise InputError(f"{self.path} already holds a run; pass --resume to continue it or choose another --out")
-            changed = [k for k in SETTINGS if old.get(k) != meta.get(k)]
-            if changed:
-                raise InputError(f"cannot resume {self.path}: settings differ from the interrupted run in {changed}; "
-                                 "use the same settings or another --out")
+            check_resume(self.path, json.loads(run_json.read_text()), meta, SETTINGS, resume)
         barrier()
         if rank == 0:
             self.shards.mkdir(parents=True, exist_ok=True)

@@ -39,7 +39,7 @@ def test_profile_default_run_writes_tables(tmp_path, capsys):
         ([{"question": "x"}], [], r"line 1: no 'text', 'prompt', 'messages' or 'prompt_ids' field \(fields: \['question'\]\)"),
         ([{"prompt": "A cat"}], [], "has a prompt but no response; pass --generate"),
         ([{"text": "A cat."}], ["--generate", "--max-new-tokens", "0"], "max_new_tokens >= 1"),
-        ([{"text": "A cat."}], ["--generate"], "--generate needs prompts"),
+        ([{"text": "A cat."}], ["--generate"], r"record 0 \(line 1\): needs a prompt \('prompt' or 'messages'\)"),
         ([{"text": "The cat sat. " * 200}], [], "longer than the model's context of 512.*--truncate"),
         ([{"text": "A cat."}], ["--components", "attn,mlp"], r"unknown component\(s\) \['mlp'\]"),
         ([{"text": "A cat."}], ["--dtype", "float8"], "unknown dtype 'float8'"),

@@ -133,7 +133,7 @@ def test_bad_generation_requests_fail_early(stories):
     model, tok = stories
     with pytest.raises(InputError, match="exceeds the model's context of 512"):
         generate(model, tok, PROMPTS, Sampling(max_new_tokens=510), progress=False)
-    with pytest.raises(InputError, match="needs prompts"):
+    with pytest.raises(InputError, match=r"record 0: needs a prompt \('prompt' or 'messages'\) to sample from"):
         generate(model, tok, [{"text": "a story"}], progress=False)
     with pytest.raises(InputError, match="temperature > 0"):
         generate(model, tok, PROMPTS, Sampling(temperature=0), progress=False)

@@ -12,8 +12,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from ..data import render_prompt, split_record
-from ..errors import InputError
+from ..data import prompt_of, render_prompt
 from ..inputs import BENCHMARKS, read_records
 
 __all__ = ["BENCHMARKS", "load_prompts", "prompt_text"]
@@ -30,12 +29,7 @@ def _answer(record: dict) -> str:
 def load_prompts(source: str | Path) -> pd.DataFrame:
     """A prompt set from a shipped benchmark name or any file `read_records` reads → DataFrame[prompt, answer]."""
     records = read_records(source)
-    prompts = []
-    for index, record in enumerate(records):
-        if record.get("prompt") is None and record.get("messages") is None:
-            raise InputError(f"{source}: record {index} has no 'prompt' or 'messages' (fields: {sorted(record)}); "
-                             "a prompt set needs prompts and, for math rewards, an 'answer'")
-        prompts.append(split_record(record, index)[0])
+    prompts = [prompt_of(record, index) for index, record in enumerate(records)]
     return pd.DataFrame({"prompt": prompts, "answer": [_answer(r) for r in records]})
 
 
