@@ -145,7 +145,7 @@ class Decoder:
     def _entropy_rows(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         """Online log-sum-exp over vocabulary chunks (see module docstring for the update)."""
         _, vocab_chunk = self._chunks()
-        # reusable blocks: fresh multi-MB tensors per chunk cost page faults on CPU;
+        # reusable blocks, so the CPU path allocates no multi-MB tensor per vocabulary chunk;
         # the CUDA fp32-output matmul allocates its own logits (the caching allocator makes that cheap)
         block = x.shape[0] * min(vocab_chunk, self.vocab_size)
         e_buf = torch.empty(block, device=x.device)

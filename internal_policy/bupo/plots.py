@@ -33,7 +33,7 @@ def plot_fig5(track: pd.DataFrame, path: str | Path, title: str = "", internal_s
         data = pick(metric).assign(l=lambda t: "l = " + t["layer"].astype(str))
         if by_layer:
             sns.lineplot(data, x="layer", y="value", hue="step", palette="viridis", marker="o", errorbar=None, ax=ax)
-            ax.set(xlabel="layer l", ylabel=label)
+            ax.set(xlabel="layer l", ylabel=label, xticks=sorted(data["layer"].unique()))
         else:
             sns.lineplot(data, x="step", y="value", hue="l", errorbar="sd", marker="o", ax=ax)
             ax.set(ylabel=label)
