@@ -7,7 +7,6 @@ import pandas as pd
 import pytest
 import torch
 
-from conftest import ARCHITECTURES
 from internal_policy.data import tokenize_records
 from internal_policy.entropy import Decoder
 from internal_policy.lens_bridge import boot_bridge, extract_with_bridge
@@ -99,7 +98,6 @@ def test_stories_matches_plain_hf_hooks(stories):
     assert_tokens_match(res.tokens, ref)
 
 
-@pytest.mark.parametrize("arch", ARCHITECTURES)
 def test_every_architecture_matches_bridge_reference(arch, tiny, tiny_model_dir):
     model, tok = tiny(arch)
     bridge = boot_bridge(tiny_model_dir(arch))

@@ -6,18 +6,20 @@ import json
 
 import numpy as np
 import pytest
-from helpers_plot import summarise, synthetic_tokens, write_run
+from helpers import summarise, synthetic_tokens, write_run
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from internal_policy.errors import InputError
 from internal_policy.stages import (
+    Stages,
     boundary_layer,
     despeckle,
     run_boundary_layer,
     run_stages,
     segment,
     stages_from_summary,
+    write_stages,
 )
 
 
@@ -119,20 +121,20 @@ def test_summary_and_run_dir_round_trip(tmp_path):
     assert boundary_layer(summary) == expected.boundary_layer == 2
 
     run = write_run(tmp_path / "run", tokens)
+    before = {p.name: p.stat().st_mtime_ns for p in run.iterdir()}
     assert run_boundary_layer(run) == 2
-    stored = json.loads((run / "stages.json").read_text())
-    assert stored["boundary_layer"] == 2 and stored["exploration"] == [1, 2]
-    assert stored["delta_ffn"] == pytest.approx(expected.delta_ffn)
+    assert {p.name: p.stat().st_mtime_ns for p in run.iterdir()} == before  # reading a run writes nothing
 
     # a stored file with custom parameters is reused while it matches summary.csv ...
     custom = segment(expected.delta_ffn, rel_tol=0.5)
-    (run / "stages.json").write_text(json.dumps(custom.to_dict()))
+    stored = write_stages(run, custom)
+    assert stored == run / "stages.json" and json.loads(stored.read_text())["rel_tol"] == 0.5
     assert run_stages(run) == custom
-    # ... and recomputed, with the same parameters, once summary.csv changes
+    # ... and recomputed, with the same parameters, once summary.csv changes (the stale file is left alone)
     write_run(run, synthetic_tokens(n_layers=12, ffn_delta=-np.abs(curve), n_positions=4))
     fresh = run_stages(run)
     assert fresh.rel_tol == 0.5 and fresh.boundary_layer is None
-    assert json.loads((run / "stages.json").read_text())["boundary_layer"] is None
+    assert Stages.from_dict(json.loads(stored.read_text())) == custom
 
 
 def test_bad_inputs_name_the_problem(tmp_path):
