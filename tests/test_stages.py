@@ -15,6 +15,7 @@ from internal_policy.stages import (
     Stages,
     boundary_layer,
     despeckle,
+    label_layers,
     run_boundary_layer,
     run_stages,
     segment,
@@ -81,6 +82,30 @@ def test_no_exploration_stage_has_no_boundary(curve):
     summary = summarise(synthetic_tokens(n_layers=8, ffn_delta=curve, n_positions=3))
     with pytest.raises(InputError, match="no exploration stage"):
         boundary_layer(summary)
+
+
+def test_values_exactly_at_the_tolerance_are_flat():
+    """The ≈ 0 band is closed: |ΔH| == tol is labelled 0, anything beyond it is not."""
+    tol = 0.05
+    delta = np.array([tol, -tol, np.nextafter(tol, 1), -np.nextafter(tol, 1), 0.0])
+    assert label_layers(delta, tol).tolist() == [0, 0, 1, -1, 0]
+    st_ = segment([1.0, 0.05, 0.05, -0.05, -1.0], min_run=1)  # tol = 5 % of 1.0 = 0.05 exactly
+    assert st_.tolerance == 0.05 and st_.labels == (1, 0, 0, 0, -1)
+    assert (st_.exploration, st_.integration, st_.convergence) == ((1, 1), (2, 4), (5, 5))
+
+
+def test_fit_ties_are_broken_by_distance_then_by_the_smallest_split():
+    """Splits that mislabel as many layers are ranked by how far those layers lie outside their stage's band:
+    for [1.0, -0.06, 0.0], integration 2-3 mislabels -0.06 (0.01 outside ≈ 0) and convergence 2-3 mislabels
+    0.0 (0.05 outside < -tol), so integration wins ..."""
+    st_ = segment([1.0, -0.06, 0.0])
+    assert st_.labels == (1, -1, 0)
+    assert (st_.exploration, st_.integration, st_.convergence) == ((1, 1), (2, 3), None)
+    assert st_.boundary_layer == 1
+    # ... and a full tie (one disagreeing layer 1.05 nats off either way) takes the smallest (a, b): all convergence
+    st_ = segment([-1.0, 1.0], min_run=1)
+    assert (st_.exploration, st_.integration, st_.convergence) == (None, None, (1, 2))
+    assert st_.boundary_layer is None
 
 
 def test_despeckle_keeps_edge_runs_and_fills_interior_single_layers():
