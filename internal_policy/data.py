@@ -175,6 +175,10 @@ def tokenize_records(
     """
     examples = [tokenize_record(r, tokenizer, i, max_length, truncate, chat) for i, r in enumerate(records)
                 if not (r.get("prompt_ids") is not None and not r.get("response_ids"))]
+    if not examples:
+        raise InputError("nothing to measure: " + (f"all {len(records)} records are generated responses that are "
+                         "empty (the model stopped at once); sample again with another --seed" if records else
+                         "no records given"))
     seen: set[str] = set()
     for example in examples:
         if example.record_id in seen:

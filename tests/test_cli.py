@@ -48,6 +48,7 @@ def test_profile_default_run_writes_tables(tmp_path, capsys):
         ([{"text": "A cat."}], ["--components", "attn,mlp"], r"unknown component\(s\) \['mlp'\]"),
         ([{"text": "A cat."}], ["--dtype", "float8"], "unknown dtype 'float8'"),
         ([{"id": "x", "text": "A cat."}, {"id": "x", "text": "B"}], [], "appears twice"),
+        ([{"prompt_ids": [1, 403], "response_ids": []}], [], "all 1 records are generated responses that are empty"),
         ([{"text": 123}], [], r"record 0 \(line 1\): 'text' must be a string, got int 123"),
         ([{"prompt_ids": [1, 403], "response_ids": [261, 512]}], [],
          "record 0: token id 512 is outside the model's vocabulary of 512"),
