@@ -22,9 +22,10 @@ def init(device: str | None) -> str:
 
     A device this machine lacks (`cuda` without a GPU, `mps`, a typo) is an InputError.
     """
-    device = resolve_device(device) if device is not None else None
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return resolve_device(device)
+    if device is not None:
+        resolve_device(device)  # only checked: each rank takes its LOCAL_RANK GPU
     local = int(os.environ.get("LOCAL_RANK", "0"))
     cuda = torch.cuda.is_available() and (device is None or device.startswith("cuda"))
     if not torch.distributed.is_initialized():

@@ -33,13 +33,12 @@ SHARD_FILE = re.compile(r"[0-9a-f]{16}\.(sums\.parquet|tokens\.parquet|done)(\.t
 """Names of the files a profile writes into `shards/` (a batch's hash, what it holds, `.tmp` while written)."""
 
 
-def read_json(path: Path) -> object:
-    """A JSON file this tool wrote; a damaged one is an InputError that names it."""
+def read_json(path: Path, fix: str = "restore it, or start again with another --out") -> object:
+    """A JSON file this tool wrote; a damaged one is an InputError that names it and says `fix`."""
     try:
         return json.loads(Path(path).read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise InputError(f"{path} is damaged (not valid JSON: {err}); restore it, or delete the run folder "
-                         "and start again") from None
+        raise InputError(f"{path} is damaged (not valid JSON: {err}); {fix}") from None
 
 
 def _is_ours(path: Path) -> bool:
@@ -99,9 +98,10 @@ def finished_ids(shards: Path) -> set[str]:
     """Record ids of the finished batches: the union of the `.done` markers (lists of ids)."""
     done: set[str] = set()
     for marker in shards.glob("*.done"):
-        ids = read_json(marker)
+        fix = "delete it, then --resume to recompute that batch"
+        ids = read_json(marker, fix)
         if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
-            raise InputError(f"{marker} is damaged (not a list of record ids); delete it to recompute that batch")
+            raise InputError(f"{marker} is damaged (not a list of record ids); {fix}")
         done.update(ids)
     return done
 
@@ -109,8 +109,8 @@ def finished_ids(shards: Path) -> set[str]:
 def remove_unfinished(shards: Path) -> None:
     """Delete the shard files of batches that never got their `.done` marker (only names this tool writes)."""
     for path in shards.iterdir():
-        match = SHARD_FILE.fullmatch(path.name)
-        if match and (path.name.endswith(".tmp") or not (shards / f"{path.name[:16]}.done").exists()):
+        unfinished = path.name.endswith(".tmp") or not (shards / f"{path.name[:16]}.done").exists()
+        if SHARD_FILE.fullmatch(path.name) and unfinished:
             path.unlink()
 
 

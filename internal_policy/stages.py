@@ -228,7 +228,8 @@ def write_stages(path: str | Path, stages: Stages) -> Path:
     try:
         path.write_text(json.dumps(stages.to_dict(), indent=2) + "\n")
     except OSError as err:
-        raise InputError(f"cannot write {path} ({err.strerror}); pass --out FILE to write the stages elsewhere") from None
+        message = f"cannot write {path} ({err.strerror}); pass --out FILE to write the stages elsewhere"
+        raise InputError(message) from None
     return path
 
 
