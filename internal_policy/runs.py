@@ -73,8 +73,8 @@ def claim_run_dir(path: str | Path, lock: bool = True) -> FileLock | None:
 
     Refused with an InputError: a path that is a file, a folder that cannot be written, and a folder
     holding any file when it is not a run (neither run.json nor generation settings of this tool).
-    A lock held elsewhere raises `RunBusyError`. The lock is re-entrant within a process (profile
-    after generate in one command); `lock=False` only checks (ranks other than 0).
+    A lock held elsewhere raises `RunBusyError`. The lock is re-entrant within a process (a resume
+    after an interrupted attempt in the same session); `lock=False` only checks (ranks other than 0).
     """
     path = Path(path)
     if path.is_dir() and not _is_ours(path):

@@ -107,6 +107,9 @@ def test_damaged_weights_give_one_line(tmp_path, capsys, damage):
 def test_dtype_and_device_errors_in_other_commands(tmp_path, capsys, command):
     argv = [*command, "--out", str(tmp_path / "out")]
     _one_line_error(capsys, [*argv, "--dtype", "nonsense"], "unknown dtype 'nonsense'; use one of: auto, float32")
+    if command[0] == "evaluate":  # fails before sampling, not when writing the scores
+        (tmp_path / "afile").write_text("")
+        _one_line_error(capsys, [*command, "--out", str(tmp_path / "afile")], "is an existing file; give a folder")
     if command[0] == "evaluate" and not torch.cuda.is_available():
         _one_line_error(capsys, [*argv, "--device", "cuda"], "device 'cuda' is not available")
         _one_line_error(capsys, [*argv, "--device", "bogus"], "unknown device 'bogus'")

@@ -47,11 +47,10 @@ def interrupted(tmp_path, inputs, monkeypatch, capsys):
     """A profile stopped by Ctrl-C during its second batch (of three): (argv, out folder)."""
     out = tmp_path / "run"
     argv = ["profile", "--input", str(inputs), "--out", str(out), "--batch-size", "1", "--quiet"]
-    real, calls = Decoder.entropy, {"n": 0}
+    real = Decoder.entropy
 
     def stop_in_second_batch(self, x):
-        calls["n"] += 1
-        if calls["n"] == 40:  # one batch decodes 29 unique tensors on stories260K
+        if any((out / "shards").glob("*.done")):  # the first batch is finished
             raise KeyboardInterrupt
         return real(self, x)
 
