@@ -28,7 +28,7 @@ from torch import nn
 from .models import ModelSpec, describe
 
 COMPONENTS: tuple[str, ...] = ("layer", "attn_in", "attn", "resid_mid", "ffn_in", "ffn")
-"""Component names (DEVELOPERS.md conventions); `layer` at layer 0 is the embedding output."""
+"""Component names (see the module docstring); `layer` at layer 0 is the embedding output."""
 
 Site = tuple[int, str]
 """(paper layer 0..L, component)."""

@@ -40,10 +40,6 @@ class Example:
     stop: int
     truncated: int = 0  # tokens cut from the end to fit the model's context
 
-    @property
-    def n_kept(self) -> int:
-        return self.stop - self.start
-
 
 def _messages(value, where: str) -> list[dict]:
     if not isinstance(value, Sequence) or isinstance(value, str) or not value:
@@ -131,7 +127,9 @@ def tokenize_record(
     where = _where(record, index)
     if record.get("text") is not None:
         text = record["text"]
-        if not isinstance(text, str) or not text.strip():
+        if not isinstance(text, str):
+            raise InputError(f"{where}: 'text' must be a string, got {type(text).__name__} {text!r:.40}")
+        if not text.strip():
             raise InputError(f"{where}: 'text' is empty; remove the record or give it text")
         ids = tokenizer(text, add_special_tokens=True)["input_ids"]
         start, stop = 0, len(ids)
@@ -167,20 +165,28 @@ def tokenize_record(
 
 def tokenize_records(
     records: Sequence[Mapping], tokenizer, max_length: int | None = None, truncate: bool = False,
-    chat: Mapping | None = None,
+    chat: Mapping | None = None, vocab_size: int | None = None,
 ) -> list[Example]:
     """Tokenise all records; record ids must be unique (they key results and resumption).
 
     Generated records whose response is empty (the model stopped at once) have no position to
-    measure and are skipped; any other empty response is an input error.
+    measure and are skipped; any other empty response is an input error. With `vocab_size` (the
+    model's embedding rows), saved token ids beyond the vocabulary are an input error too.
     """
     examples = [tokenize_record(r, tokenizer, i, max_length, truncate, chat) for i, r in enumerate(records)
                 if not (r.get("prompt_ids") is not None and not r.get("response_ids"))]
+    if not examples:
+        raise InputError("nothing to measure: " + (f"all {len(records)} records are generated responses that are "
+                         "empty (the model stopped at once); sample again with another --seed" if records else
+                         "no records given"))
     seen: set[str] = set()
     for example in examples:
         if example.record_id in seen:
             raise InputError(f"record id {example.record_id!r} appears twice; ids must be unique")
         seen.add(example.record_id)
+        if vocab_size is not None and max(example.input_ids) >= vocab_size:
+            raise InputError(f"record {example.record_id}: token id {max(example.input_ids)} is outside the model's "
+                             f"vocabulary of {vocab_size}; were these ids made with another tokenizer?")
     return examples
 
 

@@ -14,12 +14,18 @@ from pathlib import Path
 import torch
 
 from .errors import InputError
+from .models import resolve_device
 
 
 def init(device: str | None) -> str:
-    """Under WORLD_SIZE > 1 join the process group (nccl on GPUs, gloo on CPU); return this rank's device."""
+    """Under WORLD_SIZE > 1 join the process group (nccl on GPUs, gloo on CPU); return this rank's device.
+
+    A device this machine lacks (`cuda` without a GPU, `mps`, a typo) is an InputError.
+    """
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        return device or ("cuda" if torch.cuda.is_available() else "cpu")
+        return resolve_device(device)
+    if device is not None:
+        resolve_device(device)  # only checked: each rank takes its LOCAL_RANK GPU
     local = int(os.environ.get("LOCAL_RANK", "0"))
     cuda = torch.cuda.is_available() and (device is None or device.startswith("cuda"))
     if not torch.distributed.is_initialized():
@@ -41,9 +47,13 @@ def barrier() -> None:
 
 
 def atomic_write(path: Path, write: Callable[[Path], object]) -> None:
-    """Call `write(tmp)` then rename tmp → path, so `path` is either absent or complete."""
+    """Call `write(tmp)` then rename tmp → path, so `path` is either absent or complete (tmp removed on failure)."""
     tmp = path.with_name(path.name + ".tmp")
-    write(tmp)
+    try:
+        write(tmp)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     os.replace(tmp, path)
 
 

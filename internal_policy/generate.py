@@ -33,6 +33,7 @@ from .data import prompt_ids, prompt_of, record_id
 from .dist import atomic_write, barrier, check_resume, rank_world
 from .errors import InputError
 from .models import context_length, pad_token_id
+from .runs import claim_run_dir, read_json
 
 RESPONSES = "responses.jsonl"
 ENGINES = ("auto", "hf", "vllm")
@@ -168,14 +169,36 @@ def generate(
     digest = hashlib.sha1(json.dumps([p[2] for p in prompts]).encode()).hexdigest()[:16]
     settings = {**asdict(sampling), "batch_size": batch_size, "chat": dict(chat or {}), "engine": engine,
                 "n_prompts": len(prompts), "prompt_ids_sha1": digest}
-    done = _start(folder, settings, resume) if folder else {}
     rank, world = rank_world()
-    mine = [b for b in range(len(batches)) if b not in done and b % world == rank]
     if engine == "vllm" and model_path is None:
         raise InputError("engine 'vllm' loads the model itself: pass model_path (the --model folder or name)")
     if engine == "vllm" and world > 1:
         raise InputError("vLLM is not run under torchrun (it manages its own GPUs): sample once in a single "
                          "process with --engine vllm, then profile OUT/responses.jsonl with torchrun; or use --engine hf")
+    lock = claim_run_dir(out_dir, lock=rank == 0) if folder else None
+    try:
+        done = _start(folder, settings, resume) if folder else {}
+        mine = [b for b in range(len(batches)) if b not in done and b % world == rank]
+        _sample(model, tokenizer, sampling, engine, model_path, prompts, batches, mine, done, folder, progress)
+        if folder is not None and world > 1:
+            barrier()
+            done = _finished(folder)
+        index_of = {p[0]: i for i, p in enumerate(prompts)}
+        responses = sorted((r for b in range(len(batches)) for r in done[b]),
+                           key=lambda r: (index_of[r["prompt_id"]], r["sample"]))
+        if folder is not None and rank == 0:
+            lines = "".join(json.dumps(r) + "\n" for r in responses)
+            atomic_write(Path(out_dir) / RESPONSES, lambda path: path.write_text(lines, encoding="utf-8"))
+        barrier()
+    finally:
+        if lock is not None:
+            lock.release()
+    return responses
+
+
+def _sample(model, tokenizer, sampling: Sampling, engine: str, model_path: str | None, prompts: list, batches: list,
+            mine: list[int], done: dict[int, list[dict]], folder: Path | None, progress: bool) -> None:
+    """Sample this rank's pending batches into `done`, writing each one atomically into `folder`."""
     eos = _eos_ids(model, tokenizer)
     sampler = _VLLMSampler(model_path, sampling) if engine == "vllm" else _HFSampler(model, tokenizer, sampling)
     bar = tqdm(total=sum(len(batches[b]) for b in mine), unit="resp", desc="generate", disable=not progress)
@@ -192,17 +215,6 @@ def generate(
         bar.close()
         if engine == "vllm":
             sampler.close()
-    if folder is not None and world > 1:
-        barrier()
-        done = _finished(folder)
-    index_of = {p[0]: i for i, p in enumerate(prompts)}
-    responses = sorted((r for b in range(len(batches)) for r in done[b]),
-                       key=lambda r: (index_of[r["prompt_id"]], r["sample"]))
-    if folder is not None and rank == 0:
-        lines = "".join(json.dumps(r) + "\n" for r in responses)
-        atomic_write(Path(out_dir) / RESPONSES, lambda path: path.write_text(lines, encoding="utf-8"))
-    barrier()
-    return responses
 
 
 def _prompts(records: Sequence[Mapping], tokenizer, chat: Mapping | None, context: int | None,
@@ -232,7 +244,7 @@ def _start(folder: Path, settings: dict, resume: bool) -> dict[int, list[dict]]:
     """Check/write the generation settings; return the finished batches {index: response records}."""
     saved = folder / "settings.json"
     if saved.exists():
-        check_resume(folder, json.loads(saved.read_text()), settings, settings, resume)
+        check_resume(folder, read_json(saved), settings, settings, resume)
     barrier()  # every rank has checked before rank 0 writes the settings
     if rank_world()[0] == 0:
         folder.mkdir(parents=True, exist_ok=True)
@@ -242,6 +254,11 @@ def _start(folder: Path, settings: dict, resume: bool) -> dict[int, list[dict]]:
 
 
 def _finished(folder: Path) -> dict[int, list[dict]]:
-    """The batches already written: {batch index: response records}."""
-    return {int(path.stem.removeprefix("batch-")): [json.loads(line) for line in path.read_text().splitlines()]
-            for path in sorted(folder.glob("batch-*.jsonl"))}
+    """The batches already written: {batch index: response records}; a damaged one is an InputError."""
+    done = {}
+    for path in sorted(folder.glob("batch-[0-9]*.jsonl")):
+        try:
+            done[int(path.stem.removeprefix("batch-"))] = [json.loads(line) for line in path.read_text().splitlines()]
+        except (ValueError, UnicodeDecodeError) as err:  # JSONDecodeError and a bad index are ValueErrors
+            raise InputError(f"{path} is damaged ({err}); delete it and --resume to sample that batch again") from None
+    return done

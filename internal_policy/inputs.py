@@ -55,8 +55,13 @@ def read_jsonl(path: str | Path) -> list[dict]:
     if not path.is_file():
         raise InputError(f"input file {path} does not exist (pass a JSONL file of {{'text': ...}} records)")
     records = []
-    with path.open(encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
+    with path.open("rb") as handle:
+        for number, raw in enumerate(handle, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise InputError(f"{path}:{number}: not UTF-8 text (byte 0x{raw[err.start]:02x} at byte "
+                                 f"{err.start + 1} of the line); save the file as UTF-8") from None
             if not line.strip():
                 continue
             try:

@@ -20,12 +20,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .errors import InputError, UnsupportedModelError  # UnsupportedModelError: also importable from here
 DEFAULT_MODEL = "stories260K"
 """Name of the embedded default model (Karpathy's llama2.c stories260K, MIT licence)."""
-
-
-class UnsupportedModelError(ValueError):
-    """The model's architecture cannot be split into H_{l-1} + A_l + F_l = H_l."""
 
 
 @dataclass(frozen=True)
@@ -35,15 +32,14 @@ class BlockLayout:
     attn / ffn: the module whose output is exactly what the sublayer adds to the residual stream.
     attn_in / ffn_in: the module whose output is the sublayer's normed input; None means the
     sublayer reads the residual stream directly (H_{l-1} for attention, resid_mid for the FFN).
-    parallel: attention and FFN both read H_{l-1} (GPT-NeoX, GPT-J, Phi-2, Cohere); then ffn_in is
-    the norm of H_{l-1} and resid_mid = H_{l-1} + A_l is reported but read by no module.
+    In parallel blocks (GPT-NeoX, GPT-J, Phi-2, Cohere) attention and FFN both read H_{l-1}: ffn_in
+    is then a norm of H_{l-1}, and resid_mid = H_{l-1} + A_l is reported but read by no module.
     """
 
     attn: str
     ffn: str
     attn_in: str | None
     ffn_in: str | None
-    parallel: bool = False
 
 
 _PRE_NORM = BlockLayout("self_attn", "mlp", "input_layernorm", "post_attention_layernorm")
@@ -60,10 +56,10 @@ _BLOCK_LAYOUTS: dict[str, BlockLayout] = {
     **{t: _SANDWICH for t in ("gemma2", "gemma3_text")},
     **{t: _POST_NORM for t in ("olmo2", "olmo3")},
     "gpt2": BlockLayout("attn", "mlp", "ln_1", "ln_2"),
-    "gpt_neox": BlockLayout("attention", "mlp", "input_layernorm", "post_attention_layernorm", parallel=True),
-    "gptj": BlockLayout("attn", "mlp", "ln_1", "ln_1", parallel=True),
-    "phi": BlockLayout("self_attn", "mlp", "input_layernorm", "input_layernorm", parallel=True),
-    "cohere": BlockLayout("self_attn", "mlp", "input_layernorm", "input_layernorm", parallel=True),
+    "gpt_neox": BlockLayout("attention", "mlp", "input_layernorm", "post_attention_layernorm"),
+    "gptj": BlockLayout("attn", "mlp", "ln_1", "ln_1"),
+    "phi": BlockLayout("self_attn", "mlp", "input_layernorm", "input_layernorm"),
+    "cohere": BlockLayout("self_attn", "mlp", "input_layernorm", "input_layernorm"),
 }
 _LAYER_LISTS = ("layers", "h", "blocks")
 _FINAL_NORMS = ("norm", "ln_f", "final_layer_norm", "final_layernorm", "ln_final")
@@ -115,8 +111,6 @@ def describe(model: nn.Module) -> ModelSpec:
             f"model types: {', '.join(sorted(_BLOCK_LAYOUTS))}. Add a BlockLayout row in "
             "internal_policy/models.py naming its attention/FFN write modules and input norms."
         )
-    if model_type == "gpt_neox":
-        layout = BlockLayout(**{**layout.__dict__, "parallel": bool(getattr(config, "use_parallel_residual", True))})
     base = getattr(model, "base_model", model)
     layers = next((getattr(base, n) for n in _LAYER_LISTS if isinstance(getattr(base, n, None), nn.ModuleList)), None)
     if layers is None:
@@ -131,9 +125,7 @@ def describe(model: nn.Module) -> ModelSpec:
             if not hasattr(module, name):
                 raise UnsupportedModelError(f"{arch}: decoder block has no submodule {part!r} expected by its layout")
             module = getattr(module, name)
-    scale = getattr(config, "logit_scale", None) or 1.0
-    if getattr(config, "logits_scaling", None):  # Granite divides its logits
-        scale = 1.0 / config.logits_scaling
+    scale = getattr(config, "logit_scale", None) or 1.0  # Cohere multiplies its logits
     return ModelSpec(
         model_type=model_type,
         layers=layers,
@@ -153,6 +145,8 @@ def default_model_path() -> Path:
 
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
            "float16": torch.float16, "fp16": torch.float16}
+DTYPES = ("auto", *_DTYPES)
+"""Dtype names the CLI accepts ('auto' keeps the checkpoint's)."""
 
 
 def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | str:
@@ -160,8 +154,39 @@ def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | str:
     if dtype is None or dtype == "auto" or isinstance(dtype, torch.dtype):
         return dtype or "auto"
     if dtype not in _DTYPES:
-        raise ValueError(f"unknown dtype {dtype!r}; use one of: auto, {', '.join(_DTYPES)}")
+        raise InputError(f"unknown dtype {dtype!r}; use one of: {', '.join(DTYPES)}")
     return _DTYPES[dtype]
+
+
+def resolve_device(device: str | torch.device | None) -> str:
+    """A device this machine has: None picks cuda when available, else cpu; a missing one is an InputError."""
+    if device is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise InputError(f"unknown device {str(device)!r}; use cpu, cuda, cuda:N or mps") from None
+    if parsed.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0 or (parsed.index or 0) >= count:
+            raise InputError(f"device {str(device)!r} is not available: this machine has {count} CUDA GPU(s) "
+                             f"visible to torch{f' (cuda:0..cuda:{count - 1})' if count else ''}; use --device cpu")
+    elif parsed.type == "mps" and not torch.backends.mps.is_available():
+        raise InputError(f"device {str(device)!r} is not available (no Apple-silicon GPU); use --device cpu")
+    elif parsed.type not in ("cpu", "cuda", "mps"):
+        raise InputError(f"device {str(device)!r} is not supported; use cpu, cuda, cuda:N or mps")
+    return str(parsed)
+
+
+def _is_path(name: str | os.PathLike) -> bool:
+    """Whether a --model value can only be a local folder: an existing path, or a string a hub id never is.
+
+    Hub ids are 'name' or 'org/name'; a leading '.', '/' or '~', a backslash or a second '/' mark a path.
+    A missing 'name' or 'org/name' is tried on the hub, and the error then names both readings.
+    """
+    text = str(name)
+    return (not isinstance(name, str) or Path(text).expanduser().exists() or text.startswith((".", "/", "~"))
+            or "\\" in text or text.count("/") > 1)
 
 
 def load_model(
@@ -174,15 +199,22 @@ def load_model(
 ):
     """Load (model, tokenizer) in eval mode; None or 'stories260K' loads the embedded default model.
 
-    The tokenizer is returned as loaded; models without a pad token are handled by the batching
-    code (it pads with eos/unk under an attention mask), so nothing is mutated here.
+    `device=None` leaves the model where `from_pretrained` put it. The tokenizer is returned as
+    loaded; models without a pad token are handled by the batching code (it pads with eos/unk under
+    an attention mask), so nothing is mutated here. A missing folder, a hub name that cannot be
+    fetched, or a damaged checkpoint raises `InputError`.
     """
+    from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = default_model_path() if name_or_path in (None, DEFAULT_MODEL) else name_or_path
-    if isinstance(path, (str, os.PathLike)) and str(path).startswith((".", "/")) and not Path(path).exists():
-        raise FileNotFoundError(f"model folder {path} does not exist; pass a local HF model folder or a hub name")
+    if _is_path(path) and not Path(str(path)).expanduser().exists():
+        raise InputError(f"model folder {path} does not exist; pass an existing folder saved with save_pretrained "
+                         "(or a hub id such as org/name)")
+    if _is_path(path) and not Path(str(path)).expanduser().is_dir():
+        raise InputError(f"model path {path} is a file; pass the folder that holds config.json and the weights")
     kwargs = {"dtype": resolve_dtype(dtype)}
+    device = resolve_device(device) if device is not None else None
     if device_map is not None:
         kwargs["device_map"] = device_map
     if attn_implementation is not None:
@@ -190,10 +222,19 @@ def load_model(
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    except SafetensorError as err:
+        raise InputError(f"model {path}: a weights file (*.safetensors) is damaged or truncated ({err}); "
+                         "copy or download it again") from err
     except OSError as err:
-        raise FileNotFoundError(
-            f"could not load model {name_or_path!r}: {err}. Offline, pass a local folder saved with save_pretrained."
-        ) from err
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        if not _is_path(path):
+            from huggingface_hub import constants
+
+            reason = f"there is no folder {path} here, and " + (
+                "the hub is off (HF_HUB_OFFLINE is set) and its cache does not hold it" if constants.HF_HUB_OFFLINE
+                else f"the hub could not provide it ({reason.rstrip('.')})")
+        raise InputError(f"could not load model {path}: {reason.rstrip('.')}; "
+                         "pass a local folder saved with save_pretrained") from err
     if device_map is None and device is not None:
         model.to(device)
     model.eval()

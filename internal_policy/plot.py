@@ -63,7 +63,7 @@ class Run:
 
     @classmethod
     def from_dir(cls, run_dir: str | Path) -> Run:
-        """A run folder as the figures see it (stages.json is written if missing; tokens read lazily)."""
+        """A run folder as the figures see it (stages.json used if it matches, never written; tokens read lazily)."""
         result = load_run(run_dir)
         has_ffn = bool((result.summary["component"] == "ffn").any())
         return cls(
@@ -380,8 +380,8 @@ def plot_runs(
     """Draw figures for one or more run folders into OUT_DIR (default RUN_DIR/figures for one run).
 
     "all" = flow, delta, cosine, heatmap (one per run), plus compare when there are several runs; figures
-    a run's tables cannot support (e.g. no tokens.parquet) are skipped under "all". Writes stages.json
-    into each run that lacks it. Returns the PNG and PDF paths.
+    a run's tables cannot support (e.g. no tokens.parquet) are skipped under "all". The run folders are
+    only read (stages.json is used, never written). Returns the PNG and PDF paths.
     """
     dirs = [Path(d) for d in run_dirs]
     if not dirs:
@@ -408,7 +408,7 @@ def plot_runs(
 
 
 def plot_run(run_dir: str | Path, out_dir: str | Path | None = None, kinds: Sequence[str] = ("all",)) -> list[Path]:
-    """Figures of one profile run (default into RUN_DIR/figures); writes stages.json if missing."""
+    """Figures of one profile run (default into RUN_DIR/figures)."""
     return plot_runs([run_dir], out_dir, kinds)
 
 

@@ -36,7 +36,7 @@ from .dist import atomic_write, barrier, check_resume, rank_world
 from .entropy import Decoder, row_cosine
 from .errors import InputError
 from .models import ModelSpec, context_length, describe, pad_token_id
-from .runs import ProfileResult, load_run
+from .runs import ProfileResult, claim_run_dir, finished_ids, load_run, read_json, read_shard, remove_unfinished
 
 ORDER = ("attn_in", "attn", "resid_mid", "ffn_in", "ffn", "layer")
 """Forward order of the components inside one layer (used to sort tables)."""
@@ -182,7 +182,7 @@ def _concat_parquet(parts: list[Path], target: Path) -> None:
     writer = None
     try:
         for part in parts:
-            table = pq.read_table(part)
+            table = read_shard(part)
             writer = writer or pq.ParquetWriter(target, table.schema)
             writer.write_table(table)
     finally:
@@ -200,17 +200,16 @@ class _RunDir:
     def start(self, meta: dict, resume: bool, rank: int) -> set[str]:
         """Check resumability; return the ids of records already finished."""
         run_json = self.path / "run.json"
+        self.lock = claim_run_dir(self.path, lock=rank == 0)
         if run_json.exists():
-            check_resume(self.path, json.loads(run_json.read_text()), meta, SETTINGS, resume)
+            check_resume(self.path, read_json(run_json), meta, SETTINGS, resume)
         barrier()
         if rank == 0:
-            self.shards.mkdir(parents=True, exist_ok=True)
-            for orphan in self.shards.glob("*"):
-                if orphan.suffix != ".done" and not (self.shards / (orphan.name.split(".")[0] + ".done")).exists():
-                    orphan.unlink()
             atomic_write(run_json, lambda p: p.write_text(json.dumps({**meta, "status": "running"}, indent=2)))
+            self.shards.mkdir(parents=True, exist_ok=True)
+            remove_unfinished(self.shards)
         barrier()
-        return {rid for marker in self.shards.glob("*.done") for rid in json.loads(marker.read_text())}
+        return finished_ids(self.shards)
 
     def write_shard(self, record_ids: list[str], sums: pd.DataFrame, tokens: pd.DataFrame | None) -> None:
         """Write one batch's results; the `.done` marker goes last, so a killed write leaves no trace."""
@@ -223,7 +222,7 @@ class _RunDir:
     def finish(self, meta: dict, keep_tokens: bool) -> ProfileResult:
         """Merge every finished shard into summary.csv / tokens.parquet and mark the run complete."""
         names = sorted(p.name.split(".")[0] for p in self.shards.glob("*.done"))
-        sums = pd.concat([pd.read_parquet(self.shards / f"{n}.sums.parquet") for n in names], ignore_index=True)
+        sums = pd.concat([read_shard(self.shards / f"{n}.sums.parquet").to_pandas() for n in names], ignore_index=True)
         summary = summarize(sums)
         atomic_write(self.path / "summary.csv", lambda p: summary.to_csv(p, index=False))
         if keep_tokens:
@@ -233,6 +232,7 @@ class _RunDir:
         first = summary.iloc[0]
         meta = {**meta, "n_records": n_records, "n_tokens": int(first["n_tokens"]), "status": "complete"}
         atomic_write(self.path / "run.json", lambda p: p.write_text(json.dumps(meta, indent=2)))
+        self.lock.release(force=True)  # also a hold left by an interrupted attempt in this process
         return ProfileResult(summary, meta, self.path)
 
 
@@ -269,7 +269,8 @@ def profile(
         raise InputError(f"batch_size must be at least 1, got {batch_size}")
     spec = spec or describe(model)
     decoder = Decoder.from_spec(spec, final_norm=final_norm)
-    examples = tokenize_records(records, tokenizer, context_length(model), truncate, chat)
+    examples = tokenize_records(records, tokenizer, context_length(model), truncate, chat,
+                                vocab_size=model.get_input_embeddings().weight.shape[0])
     rank, world = rank_world()
     meta = {
         "model": model_name or getattr(model.config, "_name_or_path", type(model).__name__),

@@ -38,7 +38,7 @@ import numpy as np
 import pandas as pd
 
 from .errors import InputError
-from .runs import load_run
+from .runs import load_run, read_json
 
 STAGE_NAMES = ("exploration", "integration", "convergence")
 _TARGET = {"exploration": 1, "integration": 0, "convergence": -1}
@@ -221,27 +221,43 @@ def boundary_layer(summary: pd.DataFrame, **params: float) -> int:
     return require_boundary(stages_from_summary(summary, **params))
 
 
-def write_stages(run_dir: str | Path, stages: Stages) -> Path:
-    """Store `stages` as RUN_DIR/stages.json."""
-    path = Path(run_dir) / STAGES_FILE
-    path.write_text(json.dumps(stages.to_dict(), indent=2) + "\n")
+def write_stages(path: str | Path, stages: Stages) -> Path:
+    """Store `stages` as JSON at `path` (a run folder means RUN_DIR/stages.json); return the file written."""
+    path = Path(path)
+    path = path / STAGES_FILE if path.is_dir() else path
+    try:
+        path.write_text(json.dumps(stages.to_dict(), indent=2) + "\n")
+    except OSError as err:
+        message = f"cannot write {path} ({err.strerror}); pass --out FILE to write the stages elsewhere"
+        raise InputError(message) from None
     return path
 
 
 def run_stages(run_dir: str | Path) -> Stages:
-    """Stages of a run: stages.json if it matches summary.csv, else recomputed (same parameters) and written."""
+    """Stages of a run, read-only: stages.json if it matches summary.csv, else recomputed with its parameters.
+
+    Nothing is written, so read-only runs can be plotted; `internal-policy stages` stores a segmentation.
+    """
     run_dir = Path(run_dir)
     delta = tuple(ffn_delta(load_run(run_dir).summary).to_list())
     path = run_dir / STAGES_FILE
     params: dict[str, float] = {}
     if path.is_file():
-        stored = Stages.from_dict(json.loads(path.read_text()))
+        stored = _read_stages(path)
         if len(stored.delta_ffn) == len(delta) and np.allclose(stored.delta_ffn, delta, rtol=1e-9, atol=0):
             return stored
         params = {"rel_tol": stored.rel_tol, "abs_tol": stored.abs_tol, "min_run": stored.min_run}
-    stages = segment(delta, **params)
-    write_stages(run_dir, stages)
-    return stages
+    return segment(delta, **params)
+
+
+def _read_stages(path: Path) -> Stages:
+    """A stored segmentation; a damaged file is an InputError."""
+    data = read_json(path)
+    try:
+        return Stages.from_dict(data)
+    except (TypeError, KeyError, AttributeError):
+        raise InputError(f"{path} is not a stages file written by `internal-policy stages`; delete it or "
+                         "write it again with that command") from None
 
 
 def run_boundary_layer(run_dir: str | Path) -> int:

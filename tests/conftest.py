@@ -79,6 +79,12 @@ def _randomise(model: torch.nn.Module, seed: int) -> None:
                 param.copy_(0.1 * torch.randn(param.shape, generator=gen))
 
 
+@pytest.fixture(params=ARCHITECTURES)
+def arch(request) -> str:
+    """Each supported architecture in turn: a test taking `arch` runs once per architecture."""
+    return request.param
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):
     """factory(arch) -> folder of a saved tiny random model of that architecture (cached per session)."""

@@ -34,11 +34,11 @@ def test_measure_matches_hf_hidden_states(stories):
 
 def test_tracker_writes_a_row_set_per_logging_step(tiny_model_dir, tmp_path):
     from internal_policy.models import load_model
-    from tests.test_bupo_trainer import _trainer
+    from helpers import bupo_trainer
 
     model, tok = load_model(tiny_model_dir("llama"))
     tracker = EntropyTracker(tok, [{"text": TEXT}], internal_layer=1, path=tmp_path / "track.parquet")
-    trainer = _trainer(model, tok, tmp_path, callbacks=[tracker])
+    trainer = bupo_trainer(model, tok, tmp_path, callbacks=[tracker])
     trainer.train()
     import pandas as pd
 

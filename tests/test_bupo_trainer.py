@@ -4,31 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import bupo_trainer
 from transformers import TrainerCallback
 
 from internal_policy.errors import InputError
 from internal_policy.models import describe, load_model
-
-PROMPTS = ["Once upon a time", "The cat sat", "Tom had a", "One day Lily"]
-
-
-def _reward(completions, **_):
-    return [float(len(c)) for c in completions]
-
-
-def _trainer(model, tok, tmp_path, callbacks=(), **overrides):
-    from datasets import Dataset
-
-    from internal_policy.bupo import BuPOConfig, BuPOTrainer
-
-    settings = dict(output_dir=str(tmp_path), method="bupo", internal_layer=1, internal_steps=1,
-                    per_device_train_batch_size=4, num_generations=4, max_completion_length=6, max_steps=2,
-                    use_cpu=True, report_to="none", save_strategy="no", logging_steps=1, learning_rate=1e-3,
-                    weight_decay=0.0, seed=0)
-    args = BuPOConfig(**{**settings, **overrides})
-    return BuPOTrainer(model, _reward, args, train_dataset=Dataset.from_dict({"prompt": PROMPTS}),
-                       processing_class=tok, callbacks=list(callbacks))
-
 
 class _GradNorms(TrainerCallback):
     """Per optimizer step, the gradient norm of every parameter (0 where it has no gradient)."""
@@ -50,7 +30,7 @@ def test_phase_switch_on_policy(fresh_llama, tmp_path):
     model, tok = fresh_llama
     ran_above = []
     hook = describe(model).layers[1].register_forward_hook(lambda *a: ran_above.append(torch.is_grad_enabled()))
-    trainer = _trainer(model, tok, tmp_path)
+    trainer = bupo_trainer(model, tok, tmp_path)
     grads = _GradNorms()
     trainer.add_callback(grads)
     trainer.train()
@@ -71,7 +51,7 @@ def test_phase_switch_on_policy(fresh_llama, tmp_path):
 def test_phase_switch_with_separate_old_logps(fresh_llama, tmp_path):
     # num_iterations=2: one rollout serves two optimizer steps, so TRL computes old log-probs at generation time
     model, tok = fresh_llama
-    trainer = _trainer(model, tok, tmp_path, num_iterations=2, internal_steps=2, max_steps=4)
+    trainer = bupo_trainer(model, tok, tmp_path, num_iterations=2, internal_steps=2, max_steps=4)
     trainer.train()
     log = [(e["step"], e["role"], e["policy"]) for e in trainer.phase_log]
     assert log == [(1, "old", "pi^1"), (1, "current", "pi^1"), (2, "current", "pi^1"),
@@ -81,7 +61,7 @@ def test_phase_switch_with_separate_old_logps(fresh_llama, tmp_path):
 def test_switch_inside_a_rollout_is_refused(fresh_llama, tmp_path):
     model, tok = fresh_llama
     with pytest.raises(InputError, match="multiple"):
-        _trainer(model, tok, tmp_path, num_iterations=2, internal_steps=1)
+        bupo_trainer(model, tok, tmp_path, num_iterations=2, internal_steps=1)
 
 
 def test_internal_logps_match_plain_log_softmax(stories):
@@ -108,7 +88,7 @@ def test_internal_logps_match_plain_log_softmax(stories):
 
 def test_freeze_baseline_gives_no_gradient_to_layers_up_to_k(fresh_llama, tmp_path):
     model, tok = fresh_llama
-    trainer = _trainer(model, tok, tmp_path, method="freeze", internal_layer=2, max_steps=1)
+    trainer = bupo_trainer(model, tok, tmp_path, method="freeze", internal_layer=2, max_steps=1)
     grads = _GradNorms()
     trainer.add_callback(grads)
     trainer.train()
@@ -121,7 +101,7 @@ def test_freeze_baseline_gives_no_gradient_to_layers_up_to_k(fresh_llama, tmp_pa
 
 def test_lowlr_baseline_scales_the_rate_above_k(fresh_llama, tmp_path):
     model, tok = fresh_llama
-    trainer = _trainer(model, tok, tmp_path, method="lowlr", internal_layer=1, learning_rate=1e-3)
+    trainer = bupo_trainer(model, tok, tmp_path, method="lowlr", internal_layer=1, learning_rate=1e-3)
     optimizer = trainer.create_optimizer()
     names = {id(p): n for n, p in model.named_parameters()}
     lr_of = {names[id(p)]: g["lr"] for g in optimizer.param_groups for p in g["params"]}
@@ -134,9 +114,9 @@ def test_lowlr_baseline_scales_the_rate_above_k(fresh_llama, tmp_path):
 def test_bad_internal_layer_is_a_clear_error(fresh_llama, tmp_path):
     model, tok = fresh_llama
     with pytest.raises(InputError, match="layers 1..3"):
-        _trainer(model, tok, tmp_path, internal_layer=4)
+        bupo_trainer(model, tok, tmp_path, internal_layer=4)
     with pytest.raises(InputError, match="needs internal_layer"):
-        _trainer(model, tok, tmp_path, internal_layer=None)
+        bupo_trainer(model, tok, tmp_path, internal_layer=None)
 
 
 def test_auto_internal_layer_is_the_profile_boundary_layer(tmp_path):
@@ -153,7 +133,7 @@ def test_auto_internal_layer_is_the_profile_boundary_layer(tmp_path):
     assert resolve_internal_layer("auto", model, tok, records) == expected
     assert resolve_internal_layer("auto", model, tok, profile_run=tmp_path / "run") == expected
     with pytest.raises(InputError, match="needs a profile"):
-        _trainer(model, tok, tmp_path / "out", internal_layer="auto")
+        bupo_trainer(model, tok, tmp_path / "out", internal_layer="auto")
 
 
 def test_internal_final_norm_option_decodes_through_the_norm(stories):

@@ -3,10 +3,14 @@
 import json
 import re
 
+import shutil
+
 import pandas as pd
 import pytest
+import torch
 
 from internal_policy.cli import main
+from internal_policy.models import default_model_path
 
 
 def _jsonl(path, lines):
@@ -44,6 +48,22 @@ def test_profile_default_run_writes_tables(tmp_path, capsys):
         ([{"text": "A cat."}], ["--components", "attn,mlp"], r"unknown component\(s\) \['mlp'\]"),
         ([{"text": "A cat."}], ["--dtype", "float8"], "unknown dtype 'float8'"),
         ([{"id": "x", "text": "A cat."}, {"id": "x", "text": "B"}], [], "appears twice"),
+        ([{"prompt_ids": [1, 403], "response_ids": []}], [], "all 1 records are generated responses that are empty"),
+        ([{"text": 123}], [], r"record 0 \(line 1\): 'text' must be a string, got int 123"),
+        ([{"prompt_ids": [1, 403], "response_ids": [261, 512]}], [],
+         "record 0: token id 512 is outside the model's vocabulary of 512"),
+        ([{"text": "A cat."}], ["--components", ""], r"unknown component\(s\) \(none given\)"),
+        ([{"text": "A cat."}], ["--components", "layer, mlp"], r"unknown component\(s\) \['mlp'\]"),
+        ([{"text": "A cat."}], ["--device", "bogus"], "unknown device 'bogus'; use cpu, cuda, cuda:N or mps"),
+        pytest.param([{"text": "A cat."}], ["--device", "cuda"], "device 'cuda' is not available",
+                     marks=pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is present")),
+        pytest.param([{"text": "A cat."}], ["--device", "cuda:1"], "device 'cuda:1' is not available",
+                     marks=pytest.mark.skipif(torch.cuda.device_count() > 1, reason="two GPUs are present")),
+        pytest.param([{"text": "A cat."}], ["--device", "mps"], "device 'mps' is not available",
+                     marks=pytest.mark.skipif(torch.backends.mps.is_available(), reason="an Apple GPU is present")),
+        ([{"text": "A cat."}], ["--model", "no/such/model"], "model folder no/such/model does not exist"),
+        ([{"text": "A cat."}], ["--model", "models/tiny"], "there is no folder models/tiny here, and the hub is off "
+                                                          r"\(HF_HUB_OFFLINE is set\)"),
     ],
 )
 def test_bad_input_gives_one_clear_line(tmp_path, capsys, lines, args, message):
@@ -53,6 +73,53 @@ def test_bad_input_gives_one_clear_line(tmp_path, capsys, lines, args, message):
     assert code == 2
     assert "Traceback" not in err and err.startswith("internal-policy profile: error: ")
     assert err.count("\n") == 1 and re.search(message, err), err
+    assert not (tmp_path / "run" / "run.json").exists()  # refused before the run started
+
+
+def _one_line_error(capsys, argv, message):
+    code = main(argv)
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith(f"internal-policy {argv[0]}: error: "), err
+    assert err.count("\n") == 1 and "Traceback" not in err and re.search(message, err), err
+
+
+def test_non_utf8_jsonl_names_line_and_byte(tmp_path, capsys):
+    source = tmp_path / "latin1.jsonl"
+    source.write_bytes(b'{"text": "ok"}\n{"text": "caf\xe9"}\n')
+    _one_line_error(capsys, ["profile", "--input", str(source), "--out", str(tmp_path / "run")],
+                    r"latin1.jsonl:2: not UTF-8 text \(byte 0xe9 at byte 14 of the line\); save the file as UTF-8")
+
+
+@pytest.mark.parametrize("damage", ["truncate", "garbage"])
+def test_damaged_weights_give_one_line(tmp_path, capsys, damage):
+    folder = tmp_path / "model"
+    shutil.copytree(default_model_path(), folder)
+    weights = folder / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:4096] if damage == "truncate" else b"not safetensors")
+    _one_line_error(capsys, ["profile", "--model", str(folder), "--out", str(tmp_path / "run")],
+                    r"a weights file \(\*.safetensors\) is damaged or truncated .*copy or download it again")
+
+
+@pytest.mark.parametrize("command", [
+    ["evaluate", "--data", "math500", "--limit", "1", "-n", "1"],
+    ["train", "--data", "math500", "--max-steps", "1"],
+])
+def test_dtype_and_device_errors_in_other_commands(tmp_path, capsys, command):
+    argv = [*command, "--out", str(tmp_path / "out")]
+    _one_line_error(capsys, [*argv, "--dtype", "nonsense"], "unknown dtype 'nonsense'; use one of: auto, float32")
+    if command[0] == "evaluate":  # fails before sampling, not when writing the scores
+        (tmp_path / "afile").write_text("")
+        _one_line_error(capsys, [*command, "--out", str(tmp_path / "afile")], "is an existing file; give a folder")
+    if command[0] == "evaluate" and not torch.cuda.is_available():
+        _one_line_error(capsys, [*argv, "--device", "cuda"], "device 'cuda' is not available")
+        _one_line_error(capsys, [*argv, "--device", "bogus"], "unknown device 'bogus'")
+
+
+def test_components_list_accepts_spaces(tmp_path):
+    source = _jsonl(tmp_path / "in.jsonl", [{"text": "A cat sat on the mat."}])
+    assert main(["profile", "--input", str(source), "--out", str(tmp_path / "run"), "--quiet",
+                 "--components", " layer , ffn "]) == 0
+    assert set(pd.read_csv(tmp_path / "run" / "summary.csv")["component"]) == {"layer", "ffn"}
 
 
 def test_truncate_reports_cut_tokens(tmp_path, capsys):

@@ -99,3 +99,20 @@ def test_row_cosine_matches_formula():
     ref = (a * b).sum(1) / (a.norm(dim=1) * b.norm(dim=1))
     np.testing.assert_allclose(row_cosine(a, b).numpy(), ref.numpy(), atol=1e-6)
     np.testing.assert_allclose(row_cosine(a, 2 * a).numpy(), 1.0, atol=1e-6)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_bf16_weights_fp32_out_matmul_match_float64():
+    """On CUDA, bf16 weights are decoded by a matmul that writes fp32 logits: exact bf16 products, fp32
+    sums, so the entropy matches a float64 computation on the same bf16 values (bf16 logits: ~0.2 nats off)."""
+    g = torch.Generator().manual_seed(3)
+    spread = torch.linspace(0.1, 4.0, 300)[:, None]  # entropies from ~0 to ~10 nats
+    x = torch.randn(300, 64, generator=g) * spread
+    w, b = torch.randn(40_000, 64, generator=g), torch.randn(40_000, generator=g)
+    x16, w16, b16 = x.bfloat16(), w.bfloat16(), b.bfloat16()
+    dec = Decoder(w16.cuda(), b16.cuda(), token_chunk=128)  # default vocabulary chunks: 2 of them on CUDA
+    h = dec.entropy(x16.cuda())
+    assert dec._fp32_out and h.dtype == torch.float32 and h.device.type == "cuda"
+    ref = reference_entropy(x16.double(), w16.double(), b16.double())
+    np.testing.assert_allclose(h.cpu().double().numpy(), ref.numpy(), atol=2e-4, rtol=0)
+    assert (h >= -1e-5).all() and (h <= math.log(40_000) + 1e-4).all()

@@ -3,7 +3,6 @@
 import pytest
 import torch
 
-from conftest import ARCHITECTURES
 from internal_policy.capture import COMPONENTS, extract, forward_until
 from internal_policy.entropy import Decoder, entropy_from_logits
 from internal_policy.lens_bridge import boot_bridge, extract_with_bridge
@@ -14,7 +13,6 @@ def _ids(seed=0, shape=(2, 11)):
     return torch.randint(3, 512, shape, generator=torch.Generator().manual_seed(seed))
 
 
-@pytest.mark.parametrize("arch", ARCHITECTURES)
 def test_residual_adds_up(arch, tiny):
     model, _ = tiny(arch)
     found = extract(model, _ids())
@@ -26,7 +24,6 @@ def test_residual_adds_up(arch, tiny):
         torch.testing.assert_close(found[(l, "resid_mid")], h_prev + a, atol=1e-6, rtol=0)
 
 
-@pytest.mark.parametrize("arch", ARCHITECTURES)
 def test_hf_hooks_agree_with_transformerlens_bridge(arch, tiny, tiny_model_dir):
     model, _ = tiny(arch)
     ids = _ids(1)
@@ -38,7 +35,6 @@ def test_hf_hooks_agree_with_transformerlens_bridge(arch, tiny, tiny_model_dir):
         assert (ours[site] - theirs[site]).abs().max().item() / scale < 1e-4, site
 
 
-@pytest.mark.parametrize("arch", ARCHITECTURES)
 def test_last_layer_is_raw_and_final_norm_gives_model_output(arch, tiny):
     model, _ = tiny(arch)
     ids = _ids(2)

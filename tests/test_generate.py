@@ -36,6 +36,23 @@ def test_batch_of_one_is_plain_hf_sampling(stories):
     assert response["finished"] == (eos in out) and response["response"] == tok.decode(expected, skip_special_tokens=True)
 
 
+def test_pad_id_inside_a_prompt_is_attended(stories):
+    """eos doubles as pad and sits inside a prompt (like <|eot_id|> between chat turns): left-padded batches
+    must mask only the padding, so each greedy continuation equals an unpadded, unmasked generate call."""
+    model, tok = stories
+    prompts = [{"id": "turns", "prompt": "Lily had a red ball.</s>Tom said"},
+               {"id": "long", "prompt": "Once upon a time, there was a little dog who liked to run in the park."}]
+    greedy = Sampling(n=1, max_new_tokens=12, top_p=1e-9)  # top_p keeps only the most likely token
+    responses = generate(model, tok, prompts, greedy, batch_size=2, progress=False)
+    assert tok.eos_token_id in responses[0]["prompt_ids"][1:] and tok.pad_token is None
+    for r in responses:
+        ids = torch.tensor([r["prompt_ids"]])
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=12,
+                             pad_token_id=tok.eos_token_id)[0, ids.shape[1]:].tolist()
+        assert r["response_ids"] == (out[: out.index(tok.eos_token_id)] if tok.eos_token_id in out else out)
+        assert len(r["response_ids"]) > 3
+
+
 def test_responses_are_complete_and_in_input_order(stories):
     model, tok = stories
     responses = generate(model, tok, PROMPTS, SAMPLING, batch_size=3, progress=False)

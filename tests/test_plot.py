@@ -7,7 +7,7 @@ import json
 import matplotlib as mpl
 import numpy as np
 import pytest
-from helpers_plot import summarise, synthetic_tokens, write_run
+from helpers import summarise, synthetic_tokens, write_run
 
 from internal_policy.cli import main
 from internal_policy.errors import InputError
@@ -193,14 +193,15 @@ def test_token_label_escapes():
     assert token_label("中") == "<4e2d>"  # no CJK glyphs in DejaVu Sans: shown as code point
 
 
-def test_plot_run_writes_png_pdf_and_stages(tmp_path, tokens):
+def test_plot_run_writes_png_pdf_and_only_figures(tmp_path, tokens):
     run_dir = write_run(tmp_path / "run", tokens)
     paths = plot_run(run_dir)
     names = sorted(p.name for p in paths)
     assert names == sorted(f"{k}.{ext}" for k in ("flow", "delta", "cosine", "heatmap") for ext in ("png", "pdf"))
     assert all(p.parent == run_dir / "figures" and 0 < p.stat().st_size < 300_000 for p in paths)
-    stored = json.loads((run_dir / "stages.json").read_text())
-    assert stored["exploration"] == [1, 3] and stored["boundary_layer"] == 3
+    assert sorted(p.name for p in run_dir.iterdir()) == ["figures", "run.json", "summary.csv", "tokens.parquet"]
+    stages = Run.from_dir(run_dir).stages
+    assert stages.exploration == (1, 3) and stages.boundary_layer == 3
     assert Run.from_dir(run_dir).label == "tiny"  # run.json "synthetic/tiny" -> last path part
 
     # several runs: compare is added, heatmaps numbered, labels made unique, --out required

@@ -7,7 +7,6 @@ import pandas as pd
 import pytest
 import torch
 
-from conftest import ARCHITECTURES
 from internal_policy.data import tokenize_records
 from internal_policy.entropy import Decoder
 from internal_policy.lens_bridge import boot_bridge, extract_with_bridge
@@ -99,7 +98,6 @@ def test_stories_matches_plain_hf_hooks(stories):
     assert_tokens_match(res.tokens, ref)
 
 
-@pytest.mark.parametrize("arch", ARCHITECTURES)
 def test_every_architecture_matches_bridge_reference(arch, tiny, tiny_model_dir):
     model, tok = tiny(arch)
     bridge = boot_bridge(tiny_model_dir(arch))
@@ -109,7 +107,7 @@ def test_every_architecture_matches_bridge_reference(arch, tiny, tiny_model_dir)
 
 
 def test_stories_reference_values(stories):
-    """Raw-decoding entropies documented for stories260K (shared/models/README.md)."""
+    """Raw-decoding entropies of stories260K, recorded when the embedded model was added (fp32, CPU)."""
     model, tok = stories
     text = [{"text": "The little girl was happy because she found her red ball in the park."}]
     res = profile(model, tok, text, components=["layer"], progress=False)
@@ -142,6 +140,20 @@ def test_padded_batches_equal_one_at_a_time(tiny):
     one = profile(model, tok, RECORDS, batch_size=1, progress=False).tokens
     many = profile(model, tok, RECORDS, batch_size=5, progress=False).tokens
     assert_tokens_match(many, one, atol=1e-4)
+
+
+def test_pad_id_inside_a_record_is_attended(stories):
+    """eos doubles as pad (no pad token) and also sits inside records, like Llama-3's <|eot_id|> between turns:
+    only the padding may be masked, so padded batches equal plain unmasked forwards of each record."""
+    model, tok = stories
+    eos = tok.eos_token_id
+    records = [{"id": "turns", "text": "Lily had a red ball.</s>Tom ran to the park and played with it."},
+               {"id": "ids", "prompt_ids": [1, 403, eos, 407, eos], "response_ids": [261, eos, 378]},
+               {"id": "short", "text": "A cat."}]
+    assert tok.pad_token is None and all(eos in e.input_ids[1:-1] for e in tokenize_records(records[:2], tok))
+    res = profile(model, tok, records, batch_size=3, progress=False)
+    ref = reference_tokens(model, tok, records, lambda ids: hf_hook_sites(model, ids))
+    assert_tokens_match(res.tokens, ref)
 
 
 def test_summary_is_the_token_mean(stories):
@@ -242,13 +254,17 @@ def _rank_main(rank, world, init_file, out_dir):
 
 
 def test_two_process_merge_equals_single_process(stories, tmp_path):
+    """Rank 0 profiles records a, c, e in batches of 2 and 1, rank 1 b, d in one batch: three shards of unequal
+    size, merged by summing; the single-process reference is one batch of all five."""
     import torch.multiprocessing as mp
 
     model, tok = stories
-    single = profile(model, tok, RECORDS, batch_size=2, progress=False)
+    single = profile(model, tok, RECORDS, batch_size=len(RECORDS), progress=False)
     mp.spawn(_rank_main, args=(2, str(tmp_path / "pg"), str(tmp_path / "run")), nprocs=2, join=True)
     merged = load_run(tmp_path / "run")
     assert merged.meta["n_records"] == len(RECORDS) and merged.meta["world_size"] == 2
+    assert len(list((tmp_path / "run" / "shards").glob("*.done"))) == 3
+    assert (merged.summary["n_tokens"] == merged.tokens.groupby(["layer", "component"]).size().max()).all()
     # ranks batch records differently, so per-token values differ by float rounding only
     means = [c for c in single.summary.columns if not c.endswith(("_sum", "_sumsq"))]
     pd.testing.assert_frame_equal(merged.summary[means], single.summary[means], check_exact=False, atol=1e-6, rtol=0)

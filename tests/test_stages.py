@@ -6,18 +6,21 @@ import json
 
 import numpy as np
 import pytest
-from helpers_plot import summarise, synthetic_tokens, write_run
+from helpers import summarise, synthetic_tokens, write_run
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from internal_policy.errors import InputError
 from internal_policy.stages import (
+    Stages,
     boundary_layer,
     despeckle,
+    label_layers,
     run_boundary_layer,
     run_stages,
     segment,
     stages_from_summary,
+    write_stages,
 )
 
 
@@ -81,6 +84,30 @@ def test_no_exploration_stage_has_no_boundary(curve):
         boundary_layer(summary)
 
 
+def test_values_exactly_at_the_tolerance_are_flat():
+    """The ≈ 0 band is closed: |ΔH| == tol is labelled 0, anything beyond it is not."""
+    tol = 0.05
+    delta = np.array([tol, -tol, np.nextafter(tol, 1), -np.nextafter(tol, 1), 0.0])
+    assert label_layers(delta, tol).tolist() == [0, 0, 1, -1, 0]
+    st_ = segment([1.0, 0.05, 0.05, -0.05, -1.0], min_run=1)  # tol = 5 % of 1.0 = 0.05 exactly
+    assert st_.tolerance == 0.05 and st_.labels == (1, 0, 0, 0, -1)
+    assert (st_.exploration, st_.integration, st_.convergence) == ((1, 1), (2, 4), (5, 5))
+
+
+def test_fit_ties_are_broken_by_distance_then_by_the_smallest_split():
+    """Splits that mislabel as many layers are ranked by how far those layers lie outside their stage's band:
+    for [1.0, -0.06, 0.0], integration 2-3 mislabels -0.06 (0.01 outside ≈ 0) and convergence 2-3 mislabels
+    0.0 (0.05 outside < -tol), so integration wins ..."""
+    st_ = segment([1.0, -0.06, 0.0])
+    assert st_.labels == (1, -1, 0)
+    assert (st_.exploration, st_.integration, st_.convergence) == ((1, 1), (2, 3), None)
+    assert st_.boundary_layer == 1
+    # ... and a full tie (one disagreeing layer 1.05 nats off either way) takes the smallest (a, b): all convergence
+    st_ = segment([-1.0, 1.0], min_run=1)
+    assert (st_.exploration, st_.integration, st_.convergence) == (None, None, (1, 2))
+    assert st_.boundary_layer is None
+
+
 def test_despeckle_keeps_edge_runs_and_fills_interior_single_layers():
     labels = np.array([-1, 1, 1, 0, 1, 1, 0, 0, 1, 0, -1])
     assert despeckle(labels, 2).tolist() == [-1, 1, 1, 1, 1, 1, 0, 0, 0, 0, -1]
@@ -119,20 +146,20 @@ def test_summary_and_run_dir_round_trip(tmp_path):
     assert boundary_layer(summary) == expected.boundary_layer == 2
 
     run = write_run(tmp_path / "run", tokens)
+    before = {p.name: p.stat().st_mtime_ns for p in run.iterdir()}
     assert run_boundary_layer(run) == 2
-    stored = json.loads((run / "stages.json").read_text())
-    assert stored["boundary_layer"] == 2 and stored["exploration"] == [1, 2]
-    assert stored["delta_ffn"] == pytest.approx(expected.delta_ffn)
+    assert {p.name: p.stat().st_mtime_ns for p in run.iterdir()} == before  # reading a run writes nothing
 
     # a stored file with custom parameters is reused while it matches summary.csv ...
     custom = segment(expected.delta_ffn, rel_tol=0.5)
-    (run / "stages.json").write_text(json.dumps(custom.to_dict()))
+    stored = write_stages(run, custom)
+    assert stored == run / "stages.json" and json.loads(stored.read_text())["rel_tol"] == 0.5
     assert run_stages(run) == custom
-    # ... and recomputed, with the same parameters, once summary.csv changes
+    # ... and recomputed, with the same parameters, once summary.csv changes (the stale file is left alone)
     write_run(run, synthetic_tokens(n_layers=12, ffn_delta=-np.abs(curve), n_positions=4))
     fresh = run_stages(run)
     assert fresh.rel_tol == 0.5 and fresh.boundary_layer is None
-    assert json.loads((run / "stages.json").read_text())["boundary_layer"] is None
+    assert Stages.from_dict(json.loads(stored.read_text())) == custom
 
 
 def test_bad_inputs_name_the_problem(tmp_path):

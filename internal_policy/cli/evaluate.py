@@ -32,7 +32,9 @@ def run(args: argparse.Namespace) -> int:
     from ..bupo.evaluate import evaluate, pass_at_k_curve, summarize
     from ..bupo.plots import plot_pass_at_k
     from ..models import load_model
+    from ..runs import writable_dir
 
+    writable_dir(args.out)  # fail now, not after sampling
     sets = {Path(str(d)).stem: load_prompts(d) for d in args.data}
     model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device)
     scores = evaluate(model, tokenizer, sets, args.samples, limit=args.limit, max_new_tokens=args.max_new_tokens,

@@ -6,6 +6,8 @@ import argparse
 from importlib import resources
 from pathlib import Path
 
+from ..generate import ENGINES
+
 SAMPLE_INPUT = "stories.jsonl"
 
 
@@ -46,7 +48,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--temperature", type=float, default=1.0, help="paper: 1.0")
     g.add_argument("--top-p", type=float, default=1.0, help="paper: 1.0")
     g.add_argument("--max-new-tokens", type=int, default=512, help="paper's analysis: 3072")
-    g.add_argument("--engine", choices=("auto", "hf", "vllm"), default="auto",
+    g.add_argument("--engine", choices=ENGINES, default="auto",
                    help="auto: vLLM when installed and a GPU is present, else HF generate")
     g.add_argument("--gen-batch-size", type=int, default=None,
                    help="rows per generation batch (default: --batch-size; 256 with vLLM)")
@@ -88,7 +90,8 @@ def run(args: argparse.Namespace) -> int:
 
     if args.batch_size < 1:
         raise InputError(f"--batch-size must be at least 1, got {args.batch_size}")
-    components = check_components(args.components.split(",") if args.components else None)
+    components = check_components(None if args.components is None
+                                  else [c.strip() for c in args.components.split(",") if c.strip()])
     try:
         resolve_dtype(args.dtype)
     except ValueError as err:
