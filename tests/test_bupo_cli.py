@@ -38,8 +38,9 @@ def test_train_with_defaults_on_cpu_writes_logs_tables_figures_and_resumes(files
     state = json.loads((out / "checkpoint-2" / "trainer_state.json").read_text())
     assert [h["bupo/layer"] for h in state["log_history"] if "loss" in h] == [2.0, 5.0]
     assert "tracker/delta_k2" in state["log_history"][0]
-    assert main(argv + ["--resume"]) == 0  # same settings: resumes from checkpoint-2 (nothing left to train)
     assert "method=bupo internal_layer=2" in capsys.readouterr().out
+    assert main(argv + ["--resume"]) == 2  # the same settings are accepted; there is just nothing left to train
+    assert "is complete (step 2 of max_steps 2)" in capsys.readouterr().err
 
 
 def test_train_options_come_from_the_config_dataclasses_a_yaml_file_and_the_preset(tmp_path, capsys):

@@ -23,47 +23,56 @@ class Killed(Exception):
 
 
 class _KillAt(TrainerCallback):
-    """Stops the run after optimizer step `step`, before that step's checkpoint is written (like a kill)."""
+    """Stops the run after the validation of optimizer step `step`, before its checkpoint is written (a kill)."""
 
     def __init__(self, step: int):
         self.step = step
 
-    def on_step_end(self, args, state, control, **kwargs):
+    def on_evaluate(self, args, state, control, **kwargs):
         if state.global_step == self.step:
             raise Killed
 
 
 def _run(model_dir, out, *, kill_at=None, resume=False, **overrides):
     model, tok = load_model(model_dir)
-    settings = dict(internal_steps=2, max_steps=5, save_strategy="steps", save_steps=1, weight_decay=0.01,
-                    learning_rate=1e-2)
+    settings = dict(internal_steps=3, max_steps=5, save_strategy="steps", save_steps=2, weight_decay=0.01,
+                    learning_rate=1e-2, eval_strategy="steps", eval_steps=1, eval_on_start=True, num_generations_eval=2)
     cfg = config(out, **{**settings, **overrides})
     try:
         train(model, tok, FRAME, length_reward, cfg, probe=PROBE, resume=resume, save_model=False,
-              callbacks=[_KillAt(kill_at)] if kill_at else [])
+              eval_sets={"toy": FRAME.head(2)}, callbacks=[_KillAt(kill_at)] if kill_at else [])
     except Killed:
         return None
     return {n: p.detach().clone() for n, p in model.named_parameters()}
 
 
+def _same_run(out, reference, params, whole) -> None:
+    """Parameters, phase log and tracking table of `out` equal those of the uninterrupted run."""
+    for name, value in whole.items():
+        torch.testing.assert_close(params[name], value, rtol=0, atol=0, msg=name)
+    read_log = lambda d: [json.loads(x) for x in (d / "phase_log.jsonl").read_text().splitlines()]  # noqa: E731
+    assert read_log(out) == read_log(reference)
+    read_table = lambda d: pd.read_parquet(d / "tracking.parquet").sort_values(  # noqa: E731
+        ["step", "metric", "layer", "k"]).reset_index(drop=True)
+    pd.testing.assert_frame_equal(read_table(out), read_table(reference))
+    pd.testing.assert_frame_equal(pd.read_csv(out / "validation.csv"), pd.read_csv(reference / "validation.csv"))
+
+
 def test_killed_and_resumed_run_ends_equal_to_an_uninterrupted_one(tiny_model_dir, tmp_path):
     model_dir = tiny_model_dir("llama")
     whole = _run(model_dir, tmp_path / "whole")
-    out = tmp_path / "killed"
-    assert _run(model_dir, out, kill_at=2) is None  # inside the internal phase (steps 1-2), after checkpoint-1
-    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-1"]
-    assert _run(model_dir, out, resume=True, kill_at=4) is None  # resumed at step 1, killed again in the π_θ phase
-    resumed = _run(model_dir, out, resume=True)
-    for name, value in whole.items():
-        torch.testing.assert_close(resumed[name], value, rtol=0, atol=0, msg=name)
     assert any(not torch.equal(whole[n], v) for n, v in load_model(model_dir)[0].named_parameters())
-    read_log = lambda d: [json.loads(x) for x in (d / "phase_log.jsonl").read_text().splitlines()]  # noqa: E731
-    assert read_log(out) == read_log(tmp_path / "whole")
-    assert [e["policy"] for e in read_log(out) if e["role"] == "current"] == ["pi^1"] * 2 + ["pi_theta"] * 3
-    pd.testing.assert_frame_equal(pd.read_parquet(out / "tracking.parquet").sort_values(["step", "metric", "layer"])
-                                  .reset_index(drop=True),
-                                  pd.read_parquet(tmp_path / "whole" / "tracking.parquet")
-                                  .sort_values(["step", "metric", "layer"]).reset_index(drop=True))
+    out = tmp_path / "killed"
+    assert _run(model_dir, out, kill_at=3) is None  # inside the internal phase (steps 1-3), after checkpoint-2
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2"]
+    assert list(pd.read_csv(out / "validation.csv")["step"]) == [0, 1, 2, 3]  # step 3: validated, not saved
+    assert _run(model_dir, out, resume=True, kill_at=5) is None  # resumed at step 2, killed again in the π_θ phase
+    _same_run(out, tmp_path / "whole", _run(model_dir, out, resume=True), whole)
+    assert list(pd.read_csv(out / "validation.csv")["step"]) == [0, 1, 2, 3, 4, 5]
+    with pytest.raises(InputError, match="is complete"):
+        _run(model_dir, out, resume=True)
+    read_log = [json.loads(x) for x in (out / "phase_log.jsonl").read_text().splitlines()]
+    assert [e["policy"] for e in read_log if e["role"] == "current"] == ["pi^1"] * 3 + ["pi_theta"] * 2
 
 
 def test_output_folder_rules(tiny_model_dir, tmp_path):
@@ -77,20 +86,21 @@ def test_output_folder_rules(tiny_model_dir, tmp_path):
     with pytest.raises(InputError, match="nothing to resume"):
         _run(model_dir, tmp_path / "none", resume=True)
     out = tmp_path / "run"
-    assert _run(model_dir, out, kill_at=1, save_steps=2) is None
+    assert _run(model_dir, out, kill_at=1) is None
     with pytest.raises(InputError, match="holds a training run"):
-        _run(model_dir, out, save_steps=2)
+        _run(model_dir, out)
     with pytest.raises(InputError, match=r"learning_rate: 0.01 -> 0.02"):
-        _run(model_dir, out, resume=True, save_steps=2, learning_rate=2e-2)
+        _run(model_dir, out, resume=True, learning_rate=2e-2)
     with pytest.raises(InputError, match="no checkpoint-N folder"):
-        _run(model_dir, out, resume=True, save_steps=2, logging_steps=2)  # logging may change; still no checkpoint
+        _run(model_dir, out, resume=True, logging_steps=2)  # logging may change; still no checkpoint
 
 
 def test_validation_during_training_leaves_training_unchanged(tiny_model_dir, tmp_path):
     model_dir = tiny_model_dir("llama")
-    plain = _run(model_dir, tmp_path / "plain", max_steps=2, save_strategy="no")
+    plain = _run(model_dir, tmp_path / "plain", max_steps=2, save_strategy="no", eval_strategy="no",
+                 eval_on_start=False)
     model, tok = load_model(model_dir)
-    cfg = config(tmp_path / "val", internal_steps=2, max_steps=2, weight_decay=0.01, learning_rate=1e-2,
+    cfg = config(tmp_path / "val", internal_steps=3, max_steps=2, weight_decay=0.01, learning_rate=1e-2,
                  eval_strategy="steps", eval_steps=1, eval_on_start=True, num_generations_eval=2)
     result = train(model, tok, FRAME, length_reward, cfg, probe=PROBE, save_model=False,
                    eval_sets={"toy": FRAME.head(3)})

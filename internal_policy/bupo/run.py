@@ -86,6 +86,10 @@ def _checkpoint_step(out: Path, settings: dict, resume: bool) -> Path | None:
     if checkpoint is None:
         raise InputError(f"{out} has no checkpoint-N folder to resume from (the run stopped before its first "
                          "save_steps); start it again in a new folder")
+    done = json.loads((Path(checkpoint) / "trainer_state.json").read_text(encoding="utf-8"))["global_step"]
+    if 0 < settings.get("max_steps", -1) <= done:
+        raise InputError(f"the run in {out} is complete (step {done} of max_steps {settings['max_steps']}); "
+                         "nothing to resume")
     return Path(checkpoint)
 
 
@@ -115,9 +119,12 @@ def _restore(out: Path, step: int, trainer: BuPOTrainer, tracker: EntropyTracker
     if tracker is not None and (out / TRACK_FILE).is_file():
         tracker.restore(pd.read_parquet(out / TRACK_FILE), step)
     validation = out / VALIDATION_FILE
-    if validation.is_file() and trainer.accelerator.is_main_process:
+    if validation.is_file():
         table = pd.read_csv(validation)
-        table[table["step"] <= step].to_csv(validation, index=False)
+        table = table[table["step"] <= step]
+        trainer.validated_steps = {step} & set(table["step"])  # eval_on_start at the checkpoint: already done
+        if trainer.accelerator.is_main_process:
+            table.to_csv(validation, index=False)
 
 
 def train(model, tokenizer, prompts: pd.DataFrame, reward: Reward, config: BuPOConfig, *,

@@ -178,6 +178,7 @@ class BuPOTrainer(GRPOTrainer):
         self.n_layers = describe(policy).n_layers
         self.spans = self._spans(self._stages(policy, profile_records, profile_run))
         self.phase_log: list[dict] = []
+        self.validated_steps: set[int] = set()  # steps a resumed run already validated
         generate_every = args.steps_per_generation * self.num_iterations
         self._old_from_current = args.gradient_accumulation_steps % generate_every == 0 and not (
             self.use_vllm and self.vllm_importance_sampling_correction)
@@ -341,11 +342,14 @@ class BuPOTrainer(GRPOTrainer):
         Eval sets are HF datasets (or a dict of them) with `prompt` (text or chat messages) and `answer`;
         answers are checked with `args.eval_scorer`. Problems are split over the processes and gathered;
         the main process appends the table to OUTPUT_DIR/validation.csv. Sampling runs under a forked RNG,
-        so validation leaves the training's random stream (and so a resumed run's numbers) unchanged.
+        so validation leaves the training's random stream (and so a resumed run's numbers) unchanged; a
+        step a resumed run already validated (`validated_steps`) is not validated again.
         """
         from accelerate.utils import gather_object
         from trl.models import unwrap_model_for_generation
 
+        if self.state.global_step in self.validated_steps:
+            return {}
         sets = eval_dataset if eval_dataset is not None else self.eval_dataset
         sets = sets if isinstance(sets, dict) else {"eval": sets}
         n = self.args.num_generations_eval or self.num_generations
