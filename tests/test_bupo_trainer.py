@@ -76,6 +76,13 @@ def test_old_logps_come_from_the_internal_policy_at_rollout_time(fresh_llama, tm
                    (3, "old", "pi_theta"), (3, "current", "pi_theta"), (4, "current", "pi_theta")]
 
 
+def test_reference_logps_switch_with_the_policy(fresh_llama, tmp_path):
+    model, tok = fresh_llama  # beta > 0: TRL rebuilds the reference model from the model's folder
+    t = trainer(model, tok, tmp_path, beta=0.04)
+    t.train()
+    assert [(e["step"], e["policy"]) for e in t.phase_log if e["role"] == "ref"] == [(1, "pi^1"), (2, "pi_theta")]
+
+
 def test_phase_switch_and_gradients_on_policy(fresh_llama, tmp_path):
     model, tok = fresh_llama
     ran_above = []

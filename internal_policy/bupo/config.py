@@ -110,7 +110,8 @@ class BuPOConfig(GRPOConfig):
                                                  "official (last \\boxed{} + the official normalised string match)"})
     num_generations_eval: int | None = field(
         default=None, metadata={"aliases": ["--eval-n", "--eval_n"],
-                                "help": "samples per problem for validation during training (Avg@n, Pass@K, Maj@K)"})
+                                "help": "samples per problem for validation during training (Avg@n, Pass@K, Maj@K); "
+                                        "per_device_eval_batch_size is rounded to whole problems"})
 
     def __post_init__(self):
         if self.method not in METHODS:

@@ -130,13 +130,14 @@ def _restore(out: Path, step: int, trainer: BuPOTrainer, tracker: EntropyTracker
 def train(model, tokenizer, prompts: pd.DataFrame, reward: Reward, config: BuPOConfig, *,
           probe: list[dict] | None = None, profile_run=None, eval_sets: dict[str, pd.DataFrame] | None = None,
           resume: bool = False, settings: dict | None = None, save_model: bool = True,
-          callbacks=()) -> TrainResult:
+          track_layers: list[int] | None = None, callbacks=()) -> TrainResult:
     """Train with `config.method`; with a probe, track entropies at k (each stage's k for a schedule).
 
     The prompts' `answer` column reaches the reward as `answer=`; rewards that need answers refuse sets
     without them. `internal_layer='auto'` profiles the model on the probe (or reads `profile_run`); with
-    method grpo, `internal_layer` is the layer tracked. `eval_sets` (name → prompts with answers) are
-    validated every `eval_steps` when `eval_strategy='steps'` (and before training with `eval_on_start`).
+    method grpo, `internal_layer` is the layer tracked; `track_layers` tracks these layers instead.
+    `eval_sets` (name → prompts with answers) are validated every `eval_steps` when
+    `eval_strategy='steps'` (and before training with `eval_on_start`).
     `settings` (model, dtype, reward, ...) join the config in train.json; `resume` continues the run
     in `config.output_dir` from its last checkpoint.
     """
@@ -166,10 +167,11 @@ def train(model, tokenizer, prompts: pd.DataFrame, reward: Reward, config: BuPOC
                           profile_run=profile_run, callbacks=list(callbacks))
     tracker = None
     if probe:
-        if not trainer.tracked_layers:
+        track_layers = track_layers or trainer.tracked_layers
+        if not track_layers:
             raise InputError("entropy tracking needs a layer: set internal_layer (a number or 'auto') for method "
                              f"{config.method}")
-        tracker = EntropyTracker(tokenizer, probe, trainer.tracked_layers, out / TRACK_FILE,
+        tracker = EntropyTracker(tokenizer, probe, track_layers, out / TRACK_FILE,
                                  final_norm=config.internal_final_norm, policy_at=trainer.policy_at)
         trainer.add_callback(tracker)
     trainer.add_callback(_PhaseLogWriter(trainer, out / PHASE_FILE))

@@ -183,7 +183,9 @@ class BuPOTrainer(GRPOTrainer):
         self._old_from_current = args.gradient_accumulation_steps % generate_every == 0 and not (
             self.use_vllm and self.vllm_importance_sampling_correction)
         if self.spans:
-            add_internal_head(policy, self.temperature, args.internal_final_norm)
+            for model_ in (policy, self.ref_model):  # the reference policy (beta > 0) switches with the others
+                if model_ is not None:
+                    add_internal_head(self._unwrap(model_), self.temperature, args.internal_final_norm)
             logger.info("BuPO: %s", self.describe_schedule())
         if args.method == "freeze":
             for block in self.spec.layers[: self.internal_layer]:
