@@ -58,7 +58,7 @@ def parse_schedule(text: str) -> list[Stage]:
 
 
 def spaced_layers(top: int, n: int) -> list[int]:
-    """n layers evenly spaced in depth and ending at `top`: round(top·i/n) for i = 1..n (e.g. top 6, n 3 → 2, 4, 6)."""
+    """n layers evenly spaced in depth, ending at `top`: round(top·i/n) for i = 1..n (top 6, n 3 → 2, 4, 6)."""
     if n > top:
         raise InputError(f"{n} schedule stages cannot have distinct layers ending at layer {top}; use at most {top}")
     return [max(1, round(top * i / n)) for i in range(1, n + 1)]
@@ -103,7 +103,8 @@ class BuPOConfig(GRPOConfig):
                                         "layers evenly up to internal_layer (auto: the boundary layer)"})
     force_schedule: bool = field(
         default=False, metadata={"help": "accept schedule layers above the boundary layer (or without a profile)"})
-    internal_final_norm: bool = field(default=False, metadata={"help": "decode H_k through the final norm (paper: off)"})
+    internal_final_norm: bool = field(
+        default=False, metadata={"help": "decode H_k through the final norm (paper: off)"})
     lowlr_factor: float = field(default=0.1, metadata={"help": "learning-rate factor above layer k for method lowlr"})
     eval_scorer: Scorer = field(
         default="math-verify", metadata={"help": "answer checker of the validation during training: math-verify, or "
@@ -168,8 +169,9 @@ class BuPOConfig(GRPOConfig):
             raise InputError("BuPO with vLLM cannot use off_policy_mask_threshold: it would compare vLLM's π_θ "
                              "sampling log-probs with π^k's; unset it")
         if self.entropy_coef or self.use_adaptive_entropy or self.top_entropy_quantile < 1.0:
-            raise InputError("BuPO cannot use entropy_coef, use_adaptive_entropy or top_entropy_quantile < 1: during "
-                             "the internal phase they would act on π^k's entropy, not π_θ's (the paper uses neither)")
+            raise InputError("BuPO cannot use entropy_coef, use_adaptive_entropy or top_entropy_quantile < 1: "
+                             "during the internal phase they would act on π^k's entropy, not π_θ's (the paper "
+                             "uses neither)")
         if self.ddp_find_unused_parameters is False or self.ddp_static_graph:
             raise InputError("BuPO needs ddp_find_unused_parameters=True and no ddp_static_graph: blocks above k get "
                              "no gradient during the internal phase, and the graph changes at the switch")
@@ -178,7 +180,7 @@ class BuPOConfig(GRPOConfig):
                              "find_unused_parameters")
 
     def steps_per_rollout(self) -> float:
-        """Optimizer steps one rollout batch serves: steps_per_generation × num_iterations / gradient_accumulation_steps."""
+        """Optimizer steps one rollout batch serves: steps_per_generation × num_iterations / grad. accumulation."""
         steps = self.steps_per_generation * self.num_iterations / self.gradient_accumulation_steps
         return int(steps) if steps == int(steps) else steps
 
@@ -187,7 +189,7 @@ class BuPOConfig(GRPOConfig):
         steps = rollouts * self.steps_per_generation * self.num_iterations
         if steps % self.gradient_accumulation_steps:
             raise InputError(
-                f"{rollouts} rollout batches end inside an optimizer step (a rollout serves {self.steps_per_rollout():g} "
-                "optimizer steps: steps_per_generation × num_iterations / gradient_accumulation_steps); choose a "
-                "phase length that is a whole number of optimizer steps")
+                f"{rollouts} rollout batches end inside an optimizer step (a rollout serves "
+                f"{self.steps_per_rollout():g} optimizer steps: steps_per_generation × num_iterations / "
+                "gradient_accumulation_steps); choose a phase length that is a whole number of optimizer steps")
         return steps // self.gradient_accumulation_steps

@@ -2,12 +2,12 @@
 
 Pass@K for a problem with n samples of which c are correct is 1 − C(n−c, K)/C(n, K) (Chen et al.
 2021), the probability that K samples drawn without replacement contain a correct one; Avg@n is the
-mean accuracy over the n samples. Maj@K votes over the first K samples of a problem: the most frequent
-normalised boxed answer (`official_math.vote_key`; ties go to the answer seen first, samples without a
-box do not vote) is scored like any sample. Checkers (`rewards.SCORERS`): `math-verify` (symbolic) or
-`official` (the official code's last box + normalised string equality). Sampling goes through `internal_policy.generate` (temperature 1,
-top_p 1 as in the paper; HF `generate`); for large n on big models sample with vLLM
-(`generate(..., engine="vllm")`) and score with `score_completions`.
+mean accuracy over the n samples. Maj@K votes over the first K samples of a problem: the most
+frequent normalised boxed answer (`official_math.vote_key`; ties go to the answer seen first, samples
+without a box do not vote) is scored like any sample. Checkers (`rewards.SCORERS`): `math-verify`
+(symbolic) or `official` (the official code's last box + normalised string equality). Sampling goes
+through `internal_policy.generate` (temperature 1, top_p 1 as in the paper; HF `generate`); for large
+n on big models sample with vLLM (`generate(..., engine="vllm")`) and score with `score_completions`.
 """
 
 from __future__ import annotations
@@ -55,7 +55,8 @@ def majority_correct(group: pd.DataFrame, k: int) -> bool:
 def summarize(scores: pd.DataFrame, ks: Sequence[int] | None = None) -> pd.DataFrame:
     """Per benchmark: n, Avg@n, Pass@K and (with a `vote` column) Maj@K, in percent, from per-sample scores.
 
-    `scores` has one row per sample [benchmark, problem, sample, correct(, vote)]."""
+    `scores` has one row per sample: [benchmark, problem, sample, correct] and optionally `vote`.
+    """
     counts = scores.groupby(["benchmark", "problem"])["correct"].agg(["size", "sum"]).reset_index()
     rows = []
     for bench, group in counts.groupby("benchmark", sort=False):

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 
 def last_boxed_only_string(string: str) -> str | None:
-    """The last `\\boxed{...}` / `\\fbox{...}` with its braces (or `\\boxed x` up to a `$`), as the official code cuts it."""
+    """The last `\\boxed{...}` / `\\fbox{...}` with braces (or `\\boxed x` up to a `$`), as the official cut."""
     idx = string.rfind("\\boxed")
     if "\\boxed " in string:
         return "\\boxed " + string.split("\\boxed ")[-1].split("$")[0]

@@ -96,7 +96,7 @@ def _scored_reward(check: Callable[[str, str], bool], name: str) -> Reward:
 
 
 math_reward = _scored_reward(check_answer, "math_reward")
-math_reward.__doc__ = "1.0 for a correct last `\\boxed{}` answer (math-verify), else 0.0; gold from the `answer` column."
+math_reward.__doc__ = "1.0 for a correct last `\\boxed{}` answer (math-verify), else 0.0; gold: the `answer` column."
 official_math_reward = _scored_reward(official_check, "official_math_reward")
 official_math_reward.__doc__ = "1.0 when the last box equals the gold answer by the official code's rule, else 0.0."
 
@@ -138,4 +138,5 @@ def reward_by_name(spec: str) -> Reward:
     if name == "length" and re.fullmatch(r"\d+-\d+", arg):
         low, high = (int(x) for x in arg.split("-"))
         return length_window_reward(low, high)
-    raise InputError(f"unknown reward {spec!r}; use 'math', 'math-official', 'word:WORD[,WORD...]' or 'length:LOW-HIGH'")
+    raise InputError(f"unknown reward {spec!r}; use 'math', 'math-official', 'word:WORD[,WORD...]' or "
+                     "'length:LOW-HIGH'")

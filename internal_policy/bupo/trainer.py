@@ -215,8 +215,8 @@ class BuPOTrainer(GRPOTrainer):
         for stage in stages:
             if stage.layer >= self.n_layers:
                 raise InputError(f"internal layer {stage.layer} is out of range for method bupo: this model has "
-                                 f"layers 1..{self.n_layers} and π^{self.n_layers} decoded raw is not π_θ; use a layer "
-                                 f"below {self.n_layers} (or method grpo)")
+                                 f"layers 1..{self.n_layers} and π^{self.n_layers} decoded raw is not π_θ; use a "
+                                 f"layer below {self.n_layers} (or method grpo)")
         return stages
 
     @staticmethod
@@ -358,8 +358,9 @@ class BuPOTrainer(GRPOTrainer):
         rank, world = self.accelerator.process_index, self.accelerator.num_processes
         devices = [self.accelerator.device] if self.accelerator.device.type == "cuda" else []
         rows = []
-        with torch.random.fork_rng(devices=devices), unwrap_model_for_generation(
-                self.model_wrapped, self.accelerator, gather_deepspeed3_params=self.args.ds3_gather_for_generation) as model:
+        unwrapped = unwrap_model_for_generation(self.model_wrapped, self.accelerator,
+                                                gather_deepspeed3_params=self.args.ds3_gather_for_generation)
+        with torch.random.fork_rng(devices=devices), unwrapped as model:
             was_training = model.training
             model.eval()
             try:

@@ -1,4 +1,4 @@
-"""`internal-policy evaluate`: Avg@n, unbiased Pass@K and Maj@K of a model on the shipped benchmarks or any prompt set."""
+"""`internal-policy evaluate`: Avg@n, unbiased Pass@K and Maj@K on the shipped benchmarks or any prompt set."""
 
 from __future__ import annotations
 
