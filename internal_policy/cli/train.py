@@ -22,6 +22,11 @@ PRESETS = ("none", "official")
 REPORTERS = {"tensorboard": "tensorboard", "wandb": "wandb", "trackio": "trackio"}
 """--report-to integrations this command checks for (name → the package to install)."""
 
+DESCRIPTION = """Train with BuPO (π^k for --internal-steps rollout batches, or a bottom-up
+--internal-schedule, then π_θ), plain GRPO, or GRPO with layers <= k frozen / 0.1x lr above k
+(--method). Every BuPOConfig / GRPOConfig / TrainingArguments field is an option; --config run.yaml
+sets any of them, --preset official the official run's values."""
+
 LAUNCH = """Step units: --internal-steps and --internal-schedule count rollout batches (the official
 iterative_steps); --max-steps, --save-steps, --eval-steps, --logging-steps count optimizer steps.
 --per-device-train-batch-size is per device: the official mini-batch (32 prompts x 8 = 256
@@ -74,9 +79,7 @@ def build_parser():
     from ..bupo import BuPOConfig
 
     parser = TrlParser([TrainOptions, BuPOConfig], prog="internal-policy train", formatter_class=_Formatter,
-                       epilog=LAUNCH, description="Train with BuPO (π^k for --internal-steps rollout batches, or "
-                       "a bottom-up --internal-schedule, then π_θ), plain GRPO, or GRPO with layers <= k frozen / "
-                       "0.1x lr above k (--method).")
+                       epilog=LAUNCH, description=DESCRIPTION)
     add_model_options(parser, dtype_help="bfloat16 on a GPU that supports it (weights and autocast), float32 on CPU")
     parser.add_argument("--config", default=None, help="YAML mapping of any of these options (field names)")
     parser.add_argument("--preset", choices=PRESETS, default="none",
