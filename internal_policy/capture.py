@@ -139,35 +139,54 @@ def extract(
     return found
 
 
-class _StopForward(Exception):
-    pass
+def _owner(model: nn.Module, child: nn.Module) -> tuple[nn.Module, str]:
+    """The module holding `child` as a direct submodule, and the attribute name it is held under."""
+    for module in model.modules():
+        for name, sub in module.named_children():
+            if sub is child:
+                return module, name
+    raise ValueError(f"{type(child).__name__} is not a submodule of {type(model).__name__}")
+
+
+@contextmanager
+def truncated(
+    model: nn.Module, layer: int, spec: ModelSpec | None = None, final_norm: bool = False
+) -> Iterator[ModelSpec]:
+    """Within the block, the model's backbone runs blocks 1..`layer` only and its last hidden state is raw H_layer.
+
+    The block list is swapped for its first `layer` blocks and the final norm for an identity (kept with
+    `final_norm=True`), and both are put back on exit. The forward so ends after block `layer` without an
+    exception, so a wrapper around the model (DDP, FSDP, DeepSpeed) runs its own pre/post-forward code as for
+    any forward; blocks above `layer` never run and get no gradient. Paper numbering: 0 = the embedding output.
+    """
+    spec = spec or describe(model)
+    if not 0 <= layer <= spec.n_layers:
+        raise ValueError(f"layer {layer} is out of range: this model has layers 0..{spec.n_layers} (paper numbering)")
+    swaps = [(*_owner(model, spec.layers), spec.layers[:layer])]
+    if spec.final_norm is not None and not final_norm:
+        swaps.append((*_owner(model, spec.final_norm), nn.Identity()))
+    originals = [(owner, name, getattr(owner, name)) for owner, name, _ in swaps]
+    try:
+        for owner, name, replacement in swaps:
+            setattr(owner, name, replacement)
+        yield spec
+    finally:
+        for owner, name, original in originals:
+            setattr(owner, name, original)
+
+
+def backbone(model: nn.Module) -> nn.Module:
+    """The decoder stack without the LM head (HF `base_model`: `model.model`, `model.transformer`, ...)."""
+    return getattr(model, "base_model", model)
 
 
 def forward_until(
     model: nn.Module, layer: int, spec: ModelSpec | None = None, **inputs
 ) -> torch.Tensor:
-    """Raw H_layer (paper numbering, 0 = embedding) from a forward that stops after that block.
+    """Raw H_layer (paper numbering, 0 = embedding) from a forward that stops after that block (`truncated`).
 
     Blocks above `layer` never run, so they cost nothing and receive no gradient; the result keeps
-    its autograd graph (used by BuPO's internal-policy phase).
+    its autograd graph.
     """
-    spec = spec or describe(model)
-    if not 0 <= layer <= spec.n_layers:
-        raise ValueError(f"layer {layer} is out of range: this model has layers 0..{spec.n_layers} (paper numbering)")
-    result: dict[str, torch.Tensor] = {}
-
-    def stop(_module, args, kwargs_or_out, out=None):
-        result["h"] = _first(out if out is not None else (args[0] if args else kwargs_or_out["hidden_states"]))
-        raise _StopForward
-
-    if layer == 0:
-        handle = spec.layers[0].register_forward_pre_hook(lambda m, a, k: stop(m, a, k), with_kwargs=True)
-    else:
-        handle = spec.layers[layer - 1].register_forward_hook(lambda m, a, o: stop(m, a, None, o))
-    try:
-        model(**inputs, use_cache=False)
-    except _StopForward:
-        pass
-    finally:
-        handle.remove()
-    return result["h"]
+    with truncated(model, layer, spec):
+        return backbone(model)(**inputs, use_cache=False)[0]

@@ -3,7 +3,7 @@
 Synthetic profile runs for the stages and plot tests: per-token values first, summary by groupby.
 The summary follows the run-folder schema (summary.csv, tokens.parquet, run.json), computed here
 independently with pandas from a random per-token table, so tests can compare figures against
-both tables. And a tiny BuPO trainer for the trainer and tracking tests.
+both tables.
 """
 
 from __future__ import annotations
@@ -88,26 +88,3 @@ def write_run(run_dir: Path, tokens: pd.DataFrame, vocab_size: int = 512, model:
     }
     (run_dir / "run.json").write_text(json.dumps(meta))
     return run_dir
-
-
-TRAIN_PROMPTS = ["Once upon a time", "The cat sat", "Tom had a", "One day Lily"]
-
-
-def length_reward(completions, **_):
-    """A toy reward: the completion's length in characters."""
-    return [float(len(c)) for c in completions]
-
-
-def bupo_trainer(model, tok, tmp_path, callbacks=(), **overrides):
-    """A CPU BuPO trainer on four prompts, two optimizer steps, k = 1 (overrides go to BuPOConfig)."""
-    from datasets import Dataset
-
-    from internal_policy.bupo import BuPOConfig, BuPOTrainer
-
-    settings = dict(output_dir=str(tmp_path), method="bupo", internal_layer=1, internal_steps=1,
-                    per_device_train_batch_size=4, num_generations=4, max_completion_length=6, max_steps=2,
-                    use_cpu=True, report_to="none", save_strategy="no", logging_steps=1, learning_rate=1e-3,
-                    weight_decay=0.0, seed=0)
-    args = BuPOConfig(**{**settings, **overrides})
-    return BuPOTrainer(model, length_reward, args, train_dataset=Dataset.from_dict({"prompt": TRAIN_PROMPTS}),
-                       processing_class=tok, callbacks=list(callbacks))

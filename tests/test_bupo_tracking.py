@@ -33,18 +33,28 @@ def test_measure_matches_hf_hidden_states(stories):
 
 
 def test_tracker_writes_a_row_set_per_logging_step(tiny_model_dir, tmp_path):
+    import pandas as pd
+    from helpers_bupo import trainer
+
     from internal_policy.models import load_model
-    from helpers import bupo_trainer
 
     model, tok = load_model(tiny_model_dir("llama"))
-    tracker = EntropyTracker(tok, [{"text": TEXT}], internal_layer=1, path=tmp_path / "track.parquet")
-    trainer = bupo_trainer(model, tok, tmp_path, callbacks=[tracker])
-    trainer.train()
-    import pandas as pd
-
+    t = trainer(model, tok, tmp_path, internal_layer=None, internal_steps=None, internal_schedule="1:1,2:1",
+                force_schedule=True, max_steps=3)
+    tracker = EntropyTracker(tok, [{"text": TEXT}], t.tracked_layers, path=tmp_path / "track.parquet",
+                             policy_at=t.policy_at)
+    t.add_callback(tracker)
+    t.train()
     table = pd.read_parquet(tmp_path / "track.parquet")
-    assert sorted(table.loc[table.metric == "delta_k", "step"]) == [0, 1, 2]
-    assert sorted(table.loc[table.metric == "reward", "step"]) == [1, 2]
-    # the internal step changed π^1 (layers <= 1 trained), so ΔH at layer 1 moved
-    delta = table.loc[table.metric == "delta_k"].set_index("step")["value"]
-    assert delta[1] != delta[0]
+    delta = table[table.metric == "delta_k"]
+    assert sorted(zip(delta["step"], delta["k"])) == [(s, k) for s in range(4) for k in (1, 2)]
+    assert sorted(table.loc[table.metric == "reward", "step"]) == [1, 2, 3]
+    policy = table[table.metric == "actor_entropy"].set_index("step")["policy"]
+    assert list(policy.sort_index()) == ["init", "pi^1", "pi^2", "pi_theta"]
+    # the first step trained π^1 (layers <= 1), so ΔH at layer 1 moved; the tracker's scalars reach the logs
+    by_step = delta[delta["k"] == 1].set_index("step")["value"]
+    assert by_step[1] != by_step[0]
+    logged = [h for h in t.state.log_history if "loss" in h]
+    assert [h["tracker/delta_k1"] for h in logged] == pytest.approx(list(by_step[[1, 2, 3]]))
+    cos2 = table[(table.metric == "cos_k") & (table.k == 2) & (table.step == 3)]["value"].mean()
+    assert logged[-1]["tracker/cos_k2"] == pytest.approx(cos2)

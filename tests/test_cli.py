@@ -102,7 +102,7 @@ def test_damaged_weights_give_one_line(tmp_path, capsys, damage):
 
 @pytest.mark.parametrize("command", [
     ["evaluate", "--data", "math500", "--limit", "1", "-n", "1"],
-    ["train", "--data", "math500", "--max-steps", "1"],
+    ["train", "--data", "math500", "--max-steps", "1", "--internal-layer", "2"],
 ])
 def test_dtype_and_device_errors_in_other_commands(tmp_path, capsys, command):
     argv = [*command, "--out", str(tmp_path / "out")]
@@ -110,7 +110,7 @@ def test_dtype_and_device_errors_in_other_commands(tmp_path, capsys, command):
     if command[0] == "evaluate":  # fails before sampling, not when writing the scores
         (tmp_path / "afile").write_text("")
         _one_line_error(capsys, [*command, "--out", str(tmp_path / "afile")], "is an existing file; give a folder")
-    if command[0] == "evaluate" and not torch.cuda.is_available():
+    if not torch.cuda.is_available():
         _one_line_error(capsys, [*argv, "--device", "cuda"], "device 'cuda' is not available")
         _one_line_error(capsys, [*argv, "--device", "bogus"], "unknown device 'bogus'")
 

@@ -61,7 +61,6 @@ def test_gemma2_softcap_only_with_final_norm(tiny):
     torch.testing.assert_close(raw.entropy(h), plain, atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("arch", ["llama", "gpt2", "olmo2"])
 def test_forward_until_stops_at_layer(arch, tiny):
     model, _ = tiny(arch)
     ids = _ids(4)

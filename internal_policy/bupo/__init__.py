@@ -1,19 +1,28 @@
 """BuPO (Bottom-up Policy Optimization) on TRL: trainer, rewards, entropy tracking, evaluation.
 
-Layers are numbered as in the paper: k = 1..L (HF 0-based block k-1).
+Layers are numbered as in the paper: k = 1..L (HF 0-based block k-1). Names are imported on first use,
+so light modules (rewards, official_math, data) load without TRL.
 """
 
-from .config import METHODS, BuPOConfig
-from .data import BENCHMARKS, load_prompts, prompt_text
-from .evaluate import evaluate, pass_at_k, pass_at_k_curve, score_completions, summarize
-from .rewards import check_answer, length_window_reward, math_reward, reward_by_name, target_word_reward
-from .run import TrainResult, train
-from .tracking import EntropyTracker, measure
-from .trainer import BuPOTrainer, internal_logps, resolve_internal_layer
+from importlib import import_module
 
-__all__ = [
-    "BENCHMARKS", "METHODS", "BuPOConfig", "BuPOTrainer", "EntropyTracker", "TrainResult", "check_answer",
-    "evaluate", "internal_logps", "length_window_reward", "load_prompts", "math_reward", "measure", "pass_at_k",
-    "pass_at_k_curve", "prompt_text", "resolve_internal_layer", "reward_by_name", "score_completions", "summarize",
-    "target_word_reward", "train",
-]
+_WHERE = {
+    "METHODS": "config", "BuPOConfig": "config", "official_preset": "config",
+    "BENCHMARKS": "data", "load_prompts": "data", "prompt_text": "data",
+    "evaluate": "evaluate", "pass_at_k": "evaluate", "pass_at_k_curve": "evaluate", "score_completions": "evaluate",
+    "summarize": "evaluate",
+    "SCORERS": "rewards", "check_answer": "rewards", "length_window_reward": "rewards", "math_reward": "rewards",
+    "official_math_reward": "rewards", "reward_by_name": "rewards", "target_word_reward": "rewards",
+    "official_check": "official_math",
+    "TrainResult": "run", "train": "run",
+    "EntropyTracker": "tracking", "measure": "tracking",
+    "BuPOTrainer": "trainer", "internal_logps": "trainer", "resolve_internal_layer": "trainer",
+}
+
+__all__ = sorted(_WHERE)
+
+
+def __getattr__(name: str):
+    if name not in _WHERE:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(import_module(f".{_WHERE[name]}", __name__), name)

@@ -13,9 +13,10 @@ from pathlib import Path
 import pandas as pd
 
 from ..data import prompt_of, render_prompt
+from ..errors import InputError
 from ..inputs import BENCHMARKS, read_records
 
-__all__ = ["BENCHMARKS", "load_prompts", "prompt_text"]
+__all__ = ["BENCHMARKS", "load_prompts", "prompt_text", "require_answers"]
 
 
 def _answer(record: dict) -> str:
@@ -31,6 +32,15 @@ def load_prompts(source: str | Path) -> pd.DataFrame:
     records = read_records(source)
     prompts = [prompt_of(record, index) for index, record in enumerate(records)]
     return pd.DataFrame({"prompt": prompts, "answer": [_answer(r) for r in records]})
+
+
+def require_answers(prompts: pd.DataFrame, name: str) -> None:
+    """Refuse a prompt set with records lacking a gold answer: a math checker would score them 0 silently."""
+    missing = [i for i, a in enumerate(prompts["answer"]) if not str(a).strip()]
+    if missing:
+        raise InputError(f"{name}: {len(missing)} of {len(prompts)} records have no gold answer (first: record "
+                         f"{missing[0]}); give an 'answer' (or reward_model.ground_truth / final_answer) field, or "
+                         "use a reward that needs none (word:..., length:...)")
 
 
 def prompt_text(prompt, tokenizer) -> str:

@@ -3,7 +3,9 @@
 `math_reward` scores the last `\\boxed{}` of a completion against the gold answer with math-verify
 (symbolic equivalence: `\\frac{1}{2}` = `0.5`, `\\left( 3, \\frac{\\pi}{2} \\right)` = `(3,\\frac{\\pi}{2})`);
 when math-verify cannot parse one side it falls back to a normalised string comparison and says so
-once. The toy rewards (a target word, a length window) give a tiny model like stories260K a reward
+once. `official_math_reward` is the official code's rule instead (last box + normalised string
+equality, `official_math`); `SCORERS` names both checkers. The toy rewards (a target word, a length
+window) give a tiny model like stories260K a reward
 with a useful base rate.
 """
 
@@ -12,8 +14,10 @@ from __future__ import annotations
 import logging
 import re
 from collections.abc import Callable, Sequence
+from typing import Literal, get_args
 
 from ..errors import InputError
+from .official_math import official_check
 
 logger = logging.getLogger(__name__)
 _warned: set[str] = set()
@@ -75,11 +79,26 @@ def check_answer(response: str, gold: str) -> bool:
     return boxed is not None and answers_match(boxed, str(gold))
 
 
-def math_reward(completions: list, answer: list[str] | None = None, **_) -> list[float]:
-    """1.0 for a correct last `\\boxed{}` answer, else 0.0; gold answers come from the `answer` column."""
-    if answer is None:
-        raise InputError("math_reward needs an 'answer' column in the training data (the gold final answer)")
-    return [float(check_answer(completion_text(c), a)) for c, a in zip(completions, answer, strict=True)]
+Scorer = Literal["math-verify", "official"]
+SCORERS: dict[str, Callable[[str, str], bool]] = dict(zip(get_args(Scorer), (check_answer, official_check)))
+"""Answer checkers by name: math-verify (symbolic) or the official code's normalised string match."""
+
+
+def _scored_reward(check: Callable[[str, str], bool], name: str) -> Reward:
+    def reward(completions: list, answer: list[str] | None = None, **_) -> list[float]:
+        if answer is None:
+            raise InputError(f"{name} needs an 'answer' column in the training data (the gold final answer)")
+        return [float(check(completion_text(c), a)) for c, a in zip(completions, answer, strict=True)]
+
+    reward.__name__ = name
+    reward.needs_answer = True  # train refuses prompt sets without gold answers
+    return reward
+
+
+math_reward = _scored_reward(check_answer, "math_reward")
+math_reward.__doc__ = "1.0 for a correct last `\\boxed{}` answer (math-verify), else 0.0; gold: the `answer` column."
+official_math_reward = _scored_reward(official_check, "official_math_reward")
+official_math_reward.__doc__ = "1.0 when the last box equals the gold answer by the official code's rule, else 0.0."
 
 
 def target_word_reward(words: Sequence[str]) -> Reward:
@@ -108,13 +127,16 @@ def length_window_reward(low: int, high: int) -> Reward:
 
 
 def reward_by_name(spec: str) -> Reward:
-    """A reward from a CLI spec: 'math', 'word:cat,dog' or 'length:5-20'."""
+    """A reward from a CLI spec: 'math' (math-verify), 'math-official', 'word:cat,dog' or 'length:5-20'."""
     name, _, arg = spec.partition(":")
-    if name == "math":
+    if name == "math" and not arg:
         return math_reward
+    if name == "math-official" and not arg:
+        return official_math_reward
     if name == "word" and arg:
         return target_word_reward([w for w in arg.split(",") if w])
     if name == "length" and re.fullmatch(r"\d+-\d+", arg):
         low, high = (int(x) for x in arg.split("-"))
         return length_window_reward(low, high)
-    raise InputError(f"unknown reward {spec!r}; use 'math', 'word:WORD[,WORD...]' or 'length:LOW-HIGH'")
+    raise InputError(f"unknown reward {spec!r}; use 'math', 'math-official', 'word:WORD[,WORD...]' or "
+                     "'length:LOW-HIGH'")

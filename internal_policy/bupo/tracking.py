@@ -9,12 +9,16 @@ kept positions (`internal_policy.data` conventions):
 - `kl_k` per later layer l: KL(π^k ‖ π^l) in nats, raw policies on both sides (Fig. 5d);
 - `perplexity` of π_θ on the probe's kept next tokens (Fig. 5c);
 plus, from TRL's own logs, `reward` and `trl_entropy` (entropy of the policy being optimised on the
-rollouts: π^k's during BuPO's internal phase). Rows are (step, metric, layer, value), written to
-parquet. Entropies come from `capture.extract` + `entropy.Decoder` (fp32, nats).
+rollouts: π^k's during BuPO's internal phase). Rows are (step, metric, layer, value, k, policy),
+written to parquet: `k` is the internal layer a k-specific metric refers to (-1 for the others; a
+bottom-up schedule tracks every stage's k), `policy` the policy the last update trained ("pi^2",
+"pi_theta"; "init" at step 0). Entropies come from `capture.extract` + `entropy.Decoder` (fp32, nats).
+The latest measurement also goes into the trainer's logged scalars (`scalars`, prefix `tracker/`).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import pandas as pd
@@ -29,6 +33,11 @@ from ..models import ModelSpec, context_length, describe, pad_token_id
 
 TRL_KEYS = {"reward": "reward", "entropy": "trl_entropy"}
 """TRL log keys copied into the table, and their metric names there."""
+
+K_METRICS = ("delta_k", "cos_k", "kl_k")
+"""Metrics that refer to an internal layer k (measured once per tracked k)."""
+
+COLUMNS = ["step", "metric", "layer", "value", "k", "policy"]
 
 
 def _kept(examples, seq_len: int) -> torch.Tensor:
@@ -77,13 +86,23 @@ def measure(model, tokenizer, records: list[dict], k: int, spec: ModelSpec | Non
 
 
 class EntropyTracker(TrainerCallback):
-    """Measures the probe set at step 0 and at every logging step; the table is `frame()` / `path`."""
+    """Measures the probe set at step 0 and at every logging step; the table is `frame()` / `path`.
 
-    def __init__(self, tokenizer, probe: list[dict], internal_layer: int, path: str | Path | None = None,
-                 final_norm: bool = False):
+    `internal_layer` is the k to follow, or several (a bottom-up schedule: each stage's k);
+    `policy_at(step)` names the policy 0-based optimizer step `step` trained (BuPOTrainer.policy_at).
+    The table is written at every checkpoint and at the end; `restore` reloads it for a resumed run.
+    """
+
+    def __init__(self, tokenizer, probe: list[dict], internal_layer: int | Sequence[int],
+                 path: str | Path | None = None, final_norm: bool = False,
+                 policy_at: Callable[[int], str] | None = None):
         if not probe:
             raise InputError("EntropyTracker needs a non-empty probe set of {'text': ...} or prompt/response records")
-        self.tokenizer, self.probe, self.k, self.final_norm = tokenizer, probe, internal_layer, final_norm
+        self.tokenizer, self.probe, self.final_norm = tokenizer, probe, final_norm
+        self.ks = [internal_layer] if isinstance(internal_layer, int) else list(internal_layer)
+        if not self.ks:
+            raise InputError("EntropyTracker needs a layer k to follow")
+        self.policy_at = policy_at or (lambda step: "")
         self.path = Path(path) if path is not None else None
         self.rows: list[dict] = []
         self._measured: set[int] = set()
@@ -92,23 +111,60 @@ class EntropyTracker(TrainerCallback):
         if step in self._measured:
             return
         self._measured.add(step)
-        for row in measure(model, self.tokenizer, self.probe, self.k, final_norm=self.final_norm):
-            self.rows.append({"step": step, **row})
+        policy = "init" if step == 0 else self.policy_at(step - 1)
+        for k in self.ks:
+            for row in measure(model, self.tokenizer, self.probe, k, final_norm=self.final_norm):
+                if row["metric"] in K_METRICS or k == self.ks[0]:
+                    self.rows.append({"step": step, **row, "k": k if row["metric"] in K_METRICS else -1,
+                                      "policy": policy})
+
+    def scalars(self, step: int) -> dict[str, float]:
+        """The measurement at `step` as flat scalars for the trainer's log (means over l for cos_k and kl_k)."""
+        out = {}
+        for row in (r for r in self.rows if r["step"] == step and r["layer"] != -1):
+            if row["metric"] in K_METRICS:
+                key = f"tracker/{row['metric']}{row['k']}"
+                out.setdefault(key, []).append(row["value"])
+            elif row["metric"] != "entropy":
+                out[f"tracker/{row['metric']}"] = [row["value"]]
+        return {key: sum(values) / len(values) for key, values in out.items()}
+
+    def restore(self, table: pd.DataFrame, upto_step: int) -> None:
+        """Take back the rows of an interrupted run up to `upto_step` (its last checkpoint)."""
+        kept = table[table["step"] <= upto_step]
+        self.rows = kept[COLUMNS].to_dict("records")
+        self._measured = set(kept.loc[kept["layer"] != -1, "step"])
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
-        self._measure(state.global_step, model)
+        if state.is_world_process_zero:  # the model is the same on every rank; only the main process logs
+            self._measure(state.global_step, model)
 
-    def on_log(self, args, state, control, model=None, logs=None, **kwargs):
-        self._measure(state.global_step, model)
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        if control.should_log and state.is_world_process_zero:
+            self._measure(state.global_step, model)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
         for key, metric in TRL_KEYS.items():
             if logs and key in logs:
-                self.rows.append({"step": state.global_step, "metric": metric, "layer": -1, "value": float(logs[key])})
+                self.rows.append({"step": state.global_step, "metric": metric, "layer": -1, "value": float(logs[key]),
+                                  "k": -1, "policy": self.policy_at(state.global_step - 1)})
+
+    def on_save(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            self.write()
 
     def on_train_end(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            self.write()
+
+    def write(self) -> None:
+        """Write the table to `path` (atomically), if there is one."""
         if self.path is not None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            self.frame().to_parquet(self.path, index=False)
+            tmp = self.path.with_suffix(".tmp")
+            self.frame().to_parquet(tmp, index=False)
+            tmp.replace(self.path)
 
     def frame(self) -> pd.DataFrame:
-        """The tracked table: step, metric, layer (-1 for TRL metrics), value."""
-        return pd.DataFrame(self.rows, columns=["step", "metric", "layer", "value"])
+        """The tracked table: step, metric, layer (-1 for TRL metrics), value, k (-1: not k-specific), policy."""
+        return pd.DataFrame(self.rows, columns=COLUMNS)
