@@ -12,7 +12,7 @@ import sys
 from ..errors import InputError
 from ..models import UnsupportedModelError
 
-COMMANDS = ("profile", "train", "evaluate", "plot", "stages")
+COMMANDS = ("profile", "train", "evaluate", "plot", "stages", "branch_points")
 
 
 def main(argv: list[str] | None = None) -> int:
