@@ -85,8 +85,11 @@ def test_interrupted_run_resumes_to_the_same_rows(stories, tmp_path, monkeypatch
         branch_points(model, tokenizer, RECORDS, out_dir=tmp_path / "run", **settings)
     with pytest.raises(Exception, match=r"settings differ .*\['delta'\]"):
         branch_points(model, tokenizer, RECORDS, out_dir=tmp_path / "run", resume=True, **{**settings, "delta": 3})
+    scored = []
+    monkeypatch.setattr(analysis, "_batch_rows", lambda *a, **k: scored.append(a[2][0][0].record_id) or real(*a, **k))
     resumed = branch_points(model, tokenizer, RECORDS, out_dir=tmp_path / "run", resume=True, **settings)
     pd.testing.assert_frame_equal(resumed.steps, whole)
+    assert len(scored) == 2  # only the records the killed run had not finished
 
 
 def test_cli_writes_steps_run_json_and_figures(tmp_path, capsys):

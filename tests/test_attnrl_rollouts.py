@@ -45,6 +45,14 @@ def test_attn_start_and_distance_rules_then_earliest_fill():
     assert select_attn(fci, steps, points=2, quantile=0.7, min_start=0, min_distance=1) == [2, 7]
 
 
+def test_distance_is_the_gap_between_step_ranges_either_way_round():
+    from internal_policy.attnrl.select import _too_close
+
+    assert not _too_close((0, 5), (10, 15), 5) and not _too_close((10, 15), (0, 5), 5)  # gap 5 = distance: far enough
+    assert _too_close((0, 5), (9, 15), 5) and _too_close((9, 15), (0, 5), 5)
+    assert not _too_close((0, 5), (5, 9), 0)
+
+
 def test_attn_threshold_zero_uses_smallest_positive_and_few_steps_repeat():
     steps = _steps([4] * 6)
     fci = [0, 0, 0.3, 0, 0, 0, 0]  # 80th percentile of response scores is 0 -> threshold 0.3
