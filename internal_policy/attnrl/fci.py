@@ -42,7 +42,9 @@ from .steps import Steps
 IMPLEMENTATION = "internal_policy_fci"
 """Name under which the query-chunked eager attention is registered in transformers' AttentionInterface."""
 CHUNK_ELEMENTS = 2**25
-"""Default size of one query block's probabilities, [batch, heads, queries, keys] elements (128 MiB fp32)."""
+"""Largest query block's probabilities, [batch, heads, queries, keys] elements (128 MiB in fp32)."""
+QUERY_BLOCK = 128
+"""Most queries per block: smaller blocks skip more of the causally masked keys, at some per-block cost."""
 
 _ACTIVE: dict[nn.Module, tuple[StepAttention, int]] = {}
 """Attention modules of the models inside `step_attention`: module -> (accumulator, paper layer)."""
@@ -139,20 +141,32 @@ def _additive(mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | N
     return torch.where(mask, torch.zeros((), device=mask.device, dtype=dtype), torch.finfo(dtype).min)
 
 
+def _visible_keys(mask: torch.Tensor | None, n_keys: int) -> int:
+    """Keys up to the last one any query of the block may see (a causal block ignores the keys after it)."""
+    if mask is None or mask.dtype != torch.bool:
+        return n_keys
+    seen = mask.any(dim=(0, 1, 2)).nonzero()
+    return int(seen.max()) + 1 if seen.numel() else n_keys
+
+
 def _chunked_eager(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                    attention_mask: torch.Tensor | None, **kwargs):
-    """The model's eager attention, one block of queries at a time; each block's probabilities feed the
+    """The model's eager attention, one block of queries at a time, each block only over the keys its mask
+    lets it see (under a causal mask, about half the T × T work); each block's probabilities feed the
     `StepAttention` registered for this module (if any) and are dropped. Returns (output, None)."""
     eager = _eager_function(module)
     target = _ACTIVE.get(module)
     batch, heads, n_queries = query.shape[:3]
     block = n_queries
     if target is not None:
-        block = max(1, target[0].chunk_elements // (batch * heads * key.shape[-2]))
+        block = max(1, min(QUERY_BLOCK, target[0].chunk_elements // (batch * heads * key.shape[-2])))
     outputs, alpha = [], None
     for first in range(0, n_queries, block):
-        mask = None if attention_mask is None else _additive(attention_mask[:, :, first : first + block], query.dtype)
-        out, probs = eager(module, query[:, :, first : first + block], key, value, mask, **kwargs)
+        mask = None if attention_mask is None else attention_mask[:, :, first : first + block]
+        keys = _visible_keys(mask, key.shape[-2])
+        mask = None if mask is None else _additive(mask[..., :keys], query.dtype)
+        out, probs = eager(module, query[:, :, first : first + block], key[:, :, :keys], value[:, :, :keys], mask,
+                           **kwargs)
         outputs.append(out)
         if target is not None:
             part = target[0].block(probs, first)
