@@ -91,7 +91,7 @@ class StepAttention:
         weights = self.weights.to(probs.device, dtype)
         rows = weights[:, None, :, first_query : first_query + probs.shape[-2]]
         keys = weights[:, None, :, : probs.shape[-1]].transpose(-1, -2)
-        return rows @ (probs.to(dtype) @ keys)
+        return rows @ (probs.detach().to(dtype) @ keys)
 
     def add_layer(self, layer: int, alpha: torch.Tensor) -> None:
         """Record paper layer `layer`'s α [batch, heads, steps, steps]: keep max over heads of Σ_{j ≥ k+Δ} α[j, k]."""
@@ -113,10 +113,6 @@ class StepAttention:
             y[np.asarray(sequence.silenced())] = 0.0
             out.append(y)
         return out
-
-    def layer_fci(self) -> list[np.ndarray]:
-        """Per paper layer l (row l-1): max over heads of Σ_{j ≥ k+Δ} α[j, k], before the y_0 = y_1 = 0 rules."""
-        return [self.per_layer[row, :, : s.n_steps].numpy().copy() for row, s in enumerate(self.steps)]
 
 
 def fci_from_attentions(attentions: Sequence[torch.Tensor], steps: Sequence[Steps], delta: int = 4) -> StepAttention:
