@@ -7,7 +7,9 @@ Methods, on one random-weight model and batch:
                  model's eager attention in query blocks, each block's probabilities reduced to step ×
                  step matrices at once), `logits_to_keep=1`, then `.fci()`;
   `fci+logprob`: both in one forward (AttnRL computes FCI alongside its old-log-prob pass);
-  `forward`:     a plain sdpa forward with `logits_to_keep=1` (the memory baseline of `fci`).
+  `forward`:     a plain sdpa forward with `logits_to_keep=1` (the memory baseline of `fci`);
+  `eager`:       the same with HF's eager attention (full T × T per layer, no FCI): the reference for
+                 the query-blocked design (`--query-block` sets the block; see the FCI module doc).
 Times: the methods are interleaved over `--rounds` rounds after a warm-up; each round's ratio to
 `logprob` is taken and the median is reported with its min-max. Memory: the peak of `fci` above
 `forward` (CPU: a fresh child process per method, peak RSS via VmHWM with glibc's mmap threshold
@@ -36,6 +38,7 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 import torch  # noqa: E402
 
+from internal_policy.attnrl import fci as fci_module  # noqa: E402
 from internal_policy.attnrl.fci import step_attention  # noqa: E402
 from internal_policy.attnrl.steps import Steps  # noqa: E402
 from profile_speed import _rss_kib  # noqa: E402
@@ -77,6 +80,11 @@ def forward(model, ids) -> None:
 def run(method: str, model, ids, steps) -> None:
     if method in ("logprob", "forward"):
         (logprobs if method == "logprob" else forward)(model, ids)
+        return
+    if method == "eager":
+        model.set_attn_implementation("eager")
+        forward(model, ids)
+        model.set_attn_implementation("sdpa")
         return
     with step_attention(model, steps, ids.shape[1]) as probe:
         (logprobs if method == "fci+logprob" else forward)(model, ids)
@@ -139,25 +147,28 @@ def main() -> None:
     parser.add_argument("--response", type=int, default=960)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--query-block", type=int, default=fci_module.QUERY_BLOCK, help="most queries per block")
     parser.add_argument("--memory-of", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    fci_module.QUERY_BLOCK = args.query_block
     model, ids, steps = build(args)
     if args.memory_of:  # child process: one method's peak, as JSON
         print(json.dumps({"peak_bytes": peak_bytes(args.memory_of, model, ids, steps, args.device)}))
         return
-    methods = ("logprob", "fci", "fci+logprob")
+    methods = ("logprob", "fci", "fci+logprob", "forward", "eager")
     for method in methods:  # warm-up
         timed(method, model, ids, steps, args.device)
     times: dict[str, list[float]] = {m: [] for m in methods}
     for _ in range(args.rounds):  # interleaved, so drift hits all alike
         for method in methods:
             times[method].append(timed(method, model, ids, steps, args.device))
-    ratio = {m: [t / base for t, base in zip(times[m], times["logprob"])] for m in methods[1:]}
+    ratio = {m: [t / base for t, base in zip(times[m], times["logprob"])] for m in methods[1:3]}
     n_steps = sum(s.n_steps for s in steps)
     print(f"model: llama d=512, {args.layers} layers, |V|=32000; batch {args.batch} x ({args.prompt}+{args.response}) "
-          f"tokens, {n_steps} steps; device {args.device}, {torch.get_num_threads()} threads")
+          f"tokens, {n_steps} steps; query blocks of {args.query_block}; device {args.device}, "
+          f"{torch.get_num_threads()} threads")
     print("median ms over", args.rounds, "rounds:", "   ".join(f"{m} {statistics.median(times[m]) * 1e3:.1f}"
                                                            for m in methods))
     base = extra_mib(args)
