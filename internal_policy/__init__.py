@@ -5,6 +5,7 @@ Layers are numbered as in the paper (arXiv 2512.19673): 1..L, with 0 for the emb
 
 __version__ = "0.1.0"
 
+from .attnrl import BranchPoints, branch_points, load_branch_points
 from .capture import COMPONENTS, capture, extract, forward_until
 from .entropy import Decoder, entropy_from_logits
 from .generate import Sampling, generate
@@ -14,18 +15,21 @@ from .profile import ProfileResult, load_run, profile
 
 
 __all__ = [
+    "BranchPoints",
     "COMPONENTS",
     "Decoder",
     "ModelSpec",
     "ProfileResult",
     "Sampling",
     "UnsupportedModelError",
+    "branch_points",
     "capture",
     "describe",
     "entropy_from_logits",
     "extract",
     "forward_until",
     "generate",
+    "load_branch_points",
     "load_model",
     "load_run",
     "profile",
