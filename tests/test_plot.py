@@ -235,3 +235,14 @@ def test_cli_plot_and_stages(tmp_path, tokens, capsys):
     assert json.loads((run_dir / "stages.json").read_text())["rel_tol"] == 0.9
     assert main(["plot", str(tmp_path / "missing")]) == 2
     assert "summary.csv" in capsys.readouterr().err
+
+
+def test_flow_title_names_the_decoding_of_the_run(tmp_path, tokens):
+    """Issue 14: a --final-norm run's flow figure does not say "raw decoding"."""
+    raw = write_run(tmp_path / "raw", tokens)
+    lens = write_run(tmp_path / "lens", tokens)
+    meta = json.loads((lens / "run.json").read_text())
+    (lens / "run.json").write_text(json.dumps({**meta, "final_norm": True}))
+    assert "raw decoding" in flow_figure(Run.from_dir(raw)).axes[0].get_title()
+    title = flow_figure(Run.from_dir(lens)).axes[0].get_title()
+    assert "raw decoding" not in title and "final norm" in title
