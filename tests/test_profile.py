@@ -1,5 +1,6 @@
 """Profiling runs against an independent per-record float64 computation, and run-folder mechanics."""
 
+import importlib
 import math
 
 import numpy as np
@@ -12,6 +13,7 @@ from internal_policy.data import tokenize_records
 from internal_policy.entropy import Decoder
 from internal_policy.lens_bridge import boot_bridge, extract_with_bridge
 from internal_policy.models import default_model_path, describe
+from internal_policy.errors import InputError
 from internal_policy.profile import load_run, profile
 
 RECORDS = [
@@ -22,6 +24,7 @@ RECORDS = [
     {"id": "e", "text": "One day, a cat and a bird became friends and played together in the garden all day long."},
 ]
 KEY = ["record_id", "position", "layer", "component"]
+profile_module = importlib.import_module("internal_policy.profile")  # the module (the package exports the function)
 
 
 def _entropy64(h, w, b):
@@ -120,20 +123,26 @@ def test_stories_reference_values(stories):
     assert abs(lens.summary["entropy"].iloc[-1] - 1.324) < 6e-4
 
 
-@pytest.mark.parametrize("arch, per_layer", [("llama", 6), ("olmo2", 4), ("phi", 5)])
-def test_each_unique_tensor_is_decoded_once(arch, per_layer, tiny, monkeypatch):
-    """H_l is decoded once as output and input; OLMo2's attn_in is H_{l-1} and ffn_in is resid_mid;
-    Phi-2's FFN shares the attention's norm."""
+@pytest.mark.parametrize("arch, linear, per_layer", [("llama", False, 6), ("llama", True, 4), ("olmo2", False, 4),
+                                                     ("olmo2", True, 2), ("phi", False, 5), ("phi", True, 3)])
+def test_each_unique_tensor_is_decoded_once(arch, linear, per_layer, tiny, monkeypatch):
+    """Unembedding rows multiplied per kept token: H_l once as output and input; OLMo2's attn_in is H_{l-1}
+    and ffn_in is resid_mid; Phi-2's FFN shares the attention's norm; with linearity resid_mid and H_l
+    are sums of other sites' logits (no matmul); kl_out adds the output's rows once, not once per site."""
     model, tok = tiny(arch)
-    calls = []
-    real = Decoder.entropy
-    monkeypatch.setattr(Decoder, "entropy", lambda self, x: (calls.append(len(x)), real(self, x))[1])
-    res = profile(model, tok, RECORDS, batch_size=len(RECORDS), progress=False)
-    assert len(calls) == 1 + per_layer * describe(model).n_layers
-    assert set(calls) == {res.meta["n_tokens"]}
+    rows = []
+    real = Decoder.matmul
+    monkeypatch.setattr(Decoder, "matmul", lambda self, x, w, start, stop, out=None: (
+        rows.append(len(x)) if start == 0 else None, real(self, x, w, start, stop, out))[1])
+    res = profile(model, tok, RECORDS, batch_size=len(RECORDS), linear=linear, progress=False)
+    n_layers, n = describe(model).n_layers, res.meta["n_tokens"]
+    assert sum(rows) == (1 + per_layer * n_layers) * n
     s = res.summary.set_index(["layer", "component"])["entropy"]
     if arch == "olmo2":
         assert s[(2, "attn_in")] == s[(1, "layer")] and s[(2, "ffn_in")] == s[(2, "resid_mid")]
+    rows.clear()
+    profile(model, tok, RECORDS, batch_size=len(RECORDS), linear=linear, stats=["kl_out"], progress=False)
+    assert sum(rows) == (2 + per_layer * n_layers) * n
 
 
 def test_padded_batches_equal_one_at_a_time(tiny):
@@ -183,7 +192,7 @@ def test_component_subset_keeps_deltas(arch, component, tiny):
     part = profile(model, tok, RECORDS, components=[component], progress=False).summary
     assert set(part["component"]) == {component}
     merged = part.merge(full, on=["layer", "component"], suffixes=("", "_full"))
-    np.testing.assert_allclose(merged["delta"], merged["delta_full"], atol=1e-9)
+    np.testing.assert_allclose(merged["delta"], merged["delta_full"], atol=1e-6)  # sums vs matmuls: rounding
 
 
 def test_token_sample_is_a_subset_with_standard_errors(stories):
@@ -202,31 +211,28 @@ def test_interrupted_run_resumes_to_identical_results(stories, tmp_path, monkeyp
     whole = profile(model, tok, records, batch_size=2, out_dir=tmp_path / "whole", progress=False)
 
     calls = {"n": 0}
-    real = Decoder.entropy
+    real = profile_module.decode
 
-    def flaky(self, x):
+    def flaky(*args, **kwargs):
         calls["n"] += 1
-        if calls["n"] == 40:
+        if calls["n"] == 3:
             raise KeyboardInterrupt("killed")
-        return real(self, x)
+        return real(*args, **kwargs)
 
-    monkeypatch.setattr(Decoder, "entropy", flaky)
+    monkeypatch.setattr(profile_module, "decode", flaky)
     with pytest.raises(KeyboardInterrupt):
         profile(model, tok, records, batch_size=2, out_dir=tmp_path / "cut", progress=False)
     done = list((tmp_path / "cut" / "shards").glob("*.done"))
-    assert 0 < len(done) < 5 and not (tmp_path / "cut" / "summary.csv").exists()
-    monkeypatch.setattr(Decoder, "entropy", real)
+    assert len(done) == 2 and not (tmp_path / "cut" / "summary.csv").exists()
     with pytest.raises(Exception, match="--resume"):
         profile(model, tok, records, batch_size=2, out_dir=tmp_path / "cut", progress=False)
-    calls["n"] = 0
-    monkeypatch.setattr(Decoder, "entropy", lambda self, x: (calls.__setitem__("n", calls["n"] + 1), real(self, x))[1])
+    calls["n"] = -100
     resumed = profile(model, tok, records, batch_size=2, out_dir=tmp_path / "cut", resume=True, progress=False)
-    per_batch = 1 + 6 * describe(model).n_layers - 2  # unique decodings per batch (aliases none here)
-    assert calls["n"] <= (5 - len(done)) * (per_batch + 2)
+    assert calls["n"] == -100 + 5 - len(done)  # one decoding pass per unfinished batch
     pd.testing.assert_frame_equal(resumed.summary, whole.summary, check_exact=False, atol=1e-12, rtol=0)
     pd.testing.assert_frame_equal(resumed.tokens, whole.tokens)
     pd.testing.assert_frame_equal(load_run(tmp_path / "cut").summary, load_run(tmp_path / "whole").summary)
-    with pytest.raises(Exception, match="settings differ"):
+    with pytest.raises(InputError, match=r"settings differ .* --final-norm \(off -> on\)"):
         profile(model, tok, records, final_norm=True, out_dir=tmp_path / "cut", resume=True, progress=False)
 
 
