@@ -252,14 +252,17 @@ class Top1Agree(ArgMax):
 
 @dataclass(frozen=True)
 class KLOut(Statistic):
-    """KL(p_out ‖ p), accumulated as A = Σ e^{z_out−a}((z_out−a) − (z−b)) (see module docstring)."""
+    """KL(p_out ‖ p), accumulated as A = Σ e^{z_out−a}((z_out−a) − (z−b)) (see module docstring).
+
+    A is a cross-entropy-sized sum (tens of nats where the site disagrees with the output), so it is
+    carried in float64 across chunks; each chunk's own sum is fp32."""
 
     name: ClassVar[str] = "kl_out"
     needs_output: ClassVar[bool] = True
     label: ClassVar[str] = "KL(p_out ‖ p) (nats)"
 
     def start(self, rows, device):
-        return {"a": torch.zeros(rows, device=device)}
+        return {"a": torch.zeros(rows, dtype=torch.float64, device=device)}
 
     def after(self, state, c):
         o = c.ref
@@ -267,12 +270,12 @@ class KLOut(Statistic):
             o.cache["ez"] = torch.linalg.vecdot(o.e, o.z, dim=1)
         tokens, width = o.z.shape
         cross = torch.linalg.vecdot(c.z.view(-1, tokens, width), o.e, dim=2).reshape(-1)  # Σ e_out·(z − b)
-        state["a"] = (c.expand(o.r) * (state["a"] + (c.expand(o.delta) - c.delta) * c.expand(o.s_old))
-                      + c.expand(o.cache["ez"]) - cross)
+        moved = (c.expand(o.delta) - c.delta).double() * c.expand(o.s_old)
+        state["a"] = c.expand(o.r) * (state["a"] + moved) + (c.expand(o.cache["ez"]) - cross)
 
     def finish(self, state, r):
-        s_out = r.expand(r.ref.s)
-        return {self.name: state["a"] / s_out - s_out.log() + r.s.log()}
+        s_out = r.expand(r.ref.s).double()
+        return {self.name: (state["a"] / s_out - s_out.log() + r.s.double().log()).float()}
 
 
 @dataclass(frozen=True)

@@ -18,6 +18,10 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 from internal_policy.models import default_model_path, load_model  # noqa: E402
 
+# One thread per test process: `make test` runs two xdist workers on two cores, and two torch threads per
+# worker oversubscribe them (small ops then spin-wait: measured 10x slower on a busy 2-core machine).
+torch.set_num_threads(1)
+
 VOCAB = 512
 COMMON = dict(vocab_size=VOCAB, initializer_range=0.2, tie_word_embeddings=False)
 

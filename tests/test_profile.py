@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from conftest import ARCHITECTURES
+from helpers_stats import check_stats, reference_stats
 from internal_policy.data import tokenize_records
 from internal_policy.entropy import Decoder
 from internal_policy.lens_bridge import boot_bridge, extract_with_bridge
@@ -25,12 +26,18 @@ RECORDS = [
 ]
 KEY = ["record_id", "position", "layer", "component"]
 profile_module = importlib.import_module("internal_policy.profile")  # the module (the package exports the function)
+STATS = dict(stats=["all"], renyi_alpha=[0.5, math.inf], topk=3)
+"""Every statistic: the scalar ones, three Rényi orders and the top 3."""
 
 
-def _entropy64(h, w, b):
-    z = h.double() @ w.double().T + (0 if b is None else b.double())
-    logp = torch.log_softmax(z, dim=-1)
-    return -(logp.exp() * logp).sum(-1)
+def _logits64(h, spec, final_norm=False):
+    """Float64 logits of rows h written out: optional final norm (fp32 module), W_U, bias, scale, soft-cap."""
+    x = spec.final_norm(h.float()).double() if final_norm else h.double()
+    z = x @ spec.unembed_weight.double().T + (0 if spec.unembed_bias is None else spec.unembed_bias.double())
+    if final_norm:
+        z = z * spec.logit_scale
+        z = torch.tanh(z / spec.logit_softcap) * spec.logit_softcap if spec.logit_softcap else z
+    return z.detach()
 
 
 def _cos64(a, b):
@@ -64,25 +71,45 @@ def hf_hook_sites(model, ids):
     return sites
 
 
-def reference_tokens(model, tokenizer, records, sites_of):
-    """One record at a time, no padding, full float64 softmax per kept position."""
-    w, b = model.get_output_embeddings().weight, model.get_output_embeddings().bias
-    rows = []
+def reference_tokens(model, tokenizer, records, sites_of, final_norm=False, stats=False):
+    """One record at a time, no padding, full float64 softmax per kept position; with `stats`, every
+    statistic of STATS (z_out = the model's own logits, y = the next token) in `ref_<name>` columns."""
+    spec = describe(model)
+    frames = []
     for ex in tokenize_records(records, tokenizer):
         ids = torch.tensor([ex.input_ids])
         sites = {k: v[0, ex.start : ex.stop] for k, v in sites_of(ids).items()}
-        ent = {k: _entropy64(v, w, b) for k, v in sites.items()}
-        for (layer, comp), h in ent.items():
-            delta = cos = torch.full_like(h, float("nan"))
+        with torch.no_grad():
+            z_out = model(ids).logits[0, ex.start : ex.stop].double()
+        y = torch.tensor([ex.input_ids[p + 1] if p + 1 < len(ex.input_ids) else -1 for p in range(ex.start, ex.stop)])
+        found = {k: reference_stats(_logits64(v, spec, final_norm), y, z_out, STATS["renyi_alpha"] + [2.0],
+                                    STATS["topk"]) for k, v in sites.items()}
+        for (layer, comp), values in found.items():
+            h = values["entropy"]
+            delta = cos = np.full_like(h, np.nan)
             if comp == "layer" and layer > 0:
-                delta = h - ent[(layer - 1, "layer")]
+                delta = h - found[(layer - 1, "layer")]["entropy"]
             if comp in ("attn", "ffn"):
-                delta = h - ent[(layer, comp + "_in")]
+                delta = h - found[(layer, comp + "_in")]["entropy"]
                 other = sites[(layer - 1, "layer")] if comp == "attn" else sites[(layer, "resid_mid")]
-                cos = _cos64(sites[(layer, comp)], other)
-            for j, pos in enumerate(range(ex.start, ex.stop)):
-                rows.append((ex.record_id, pos, layer, comp, h[j].item(), delta[j].item(), cos[j].item()))
-    return pd.DataFrame(rows, columns=KEY + ["entropy", "delta", "cos_resid"])
+                cos = _cos64(sites[(layer, comp)], other).numpy()
+            frame = pd.DataFrame({"record_id": ex.record_id, "position": np.arange(ex.start, ex.stop), "layer": layer,
+                                  "component": comp, "entropy": h, "delta": delta, "cos_resid": cos})
+            if stats:
+                for name, v in values.items():
+                    frame[f"ref_{name}"] = list(v) if v.ndim > 1 else v
+            frames.append(frame)
+    return pd.concat(frames, ignore_index=True)
+
+
+def assert_stats_match(ours, ref):
+    """Every statistic column of `ours` against the reference's `ref_<name>` columns (helpers_stats.check_stats)."""
+    merged = ref.merge(ours, on=KEY, suffixes=("_ref", ""))
+    assert len(merged) == len(ref) == len(ours)
+    names = [c.removeprefix("ref_") for c in ref.columns if c.startswith("ref_")]
+    check_stats({c: merged[c].to_numpy() for c in merged.columns},
+                {n: np.stack(merged[f"ref_{n}"].to_list()) if n.startswith("topk_") and n != "topk_clear"
+                 else merged[f"ref_{n}"].to_numpy() for n in names})
 
 
 def assert_tokens_match(ours, ref, atol=1e-4):
@@ -100,15 +127,34 @@ def test_stories_matches_plain_hf_hooks(stories):
     res = profile(model, tok, RECORDS, batch_size=3, progress=False)
     ref = reference_tokens(model, tok, RECORDS, lambda ids: hf_hook_sites(model, ids))
     assert_tokens_match(res.tokens, ref)
+    assert set(res.tokens.columns) == {*KEY, "token_id", "token", "entropy", "delta", "cos_resid"}
+
+
+def test_stories_every_statistic_raw_and_final_norm(stories):
+    """stories260K, batched with padding: all statistics of all sites (raw), and of H_l with the final norm."""
+    model, tok = stories
+    ref = reference_tokens(model, tok, RECORDS, lambda ids: hf_hook_sites(model, ids), stats=True)
+    res = profile(model, tok, RECORDS, batch_size=3, progress=False, **STATS)
+    assert_stats_match(res.tokens, ref)
+    lens = reference_tokens(model, tok, RECORDS, lambda ids: hf_hook_sites(model, ids), final_norm=True, stats=True)
+    res = profile(model, tok, RECORDS, batch_size=3, components=["layer"], final_norm=True, progress=False, **STATS)
+    assert_stats_match(res.tokens, lens[lens["component"] == "layer"])
 
 
 @pytest.mark.parametrize("arch", ARCHITECTURES)
 def test_every_architecture_matches_bridge_reference(arch, tiny, tiny_model_dir):
+    """Sites from TransformerLens' bridge, one record at a time, float64: entropy, ΔH and cosines of all
+    components, every statistic raw (linear path) and, with the final norm, of the layer outputs."""
     model, tok = tiny(arch)
     bridge = boot_bridge(tiny_model_dir(arch))
-    res = profile(model, tok, RECORDS, batch_size=2, progress=False)
-    ref = reference_tokens(model, tok, RECORDS, lambda ids: extract_with_bridge(bridge, ids))
-    assert_tokens_match(res.tokens, ref)
+    res = profile(model, tok, RECORDS, batch_size=2, progress=False, **STATS)
+    ref = reference_tokens(model, tok, RECORDS, lambda ids: extract_with_bridge(bridge, ids), stats=True)
+    assert_tokens_match(res.tokens, ref[KEY + ["entropy", "delta", "cos_resid"]])
+    assert_stats_match(res.tokens, ref)
+    lens = profile(model, tok, RECORDS, batch_size=2, components=["layer"], final_norm=True, progress=False, **STATS)
+    ref = reference_tokens(model, tok, RECORDS, lambda ids: extract_with_bridge(bridge, ids), final_norm=True,
+                           stats=True)
+    assert_stats_match(lens.tokens, ref[ref["component"] == "layer"])
 
 
 def test_stories_reference_values(stories):
