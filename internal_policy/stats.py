@@ -29,8 +29,9 @@ it becomes r_out·(A + (δ_out − δ)·s_out), and KL = A/s_out − log s_out +
 site (and of the reference, whose logits are z_out) are stacked into one matmul per vocabulary
 chunk, so the unembedding is read once per token chunk, not once per site. Sites given as sums of
 other sites (raw decoding is linear: z(H_l) = z(H_{l−1}) + z(A_l) + z(F_l)) are not multiplied at
-all: their logit block is the sum of blocks already computed, the bias added once. The largest
-temporaries are two [token_chunk × vocab_chunk] fp32 blocks whatever the number of sites or tokens.
+all: their logit block is the sum of blocks already computed, the bias added once. The temporaries
+are three fp32 blocks of about [token_chunk × vocab_chunk] (logits, their exponentials, a scratch for
+products), allocated once per call, whatever the number of sites or tokens.
 
 A new statistic is one subclass of `Statistic` plus its entry in `_FAMILY` (and its tests).
 """
@@ -60,11 +61,23 @@ class Chunk:
     delta: torch.Tensor  # old max − new max (≤ 0) [R]
     r: torch.Tensor  # e^delta [R]
     s_old: torch.Tensor  # Σ e^{z−m_old} over the previous chunks [R]
+    peak: torch.Tensor | None = None  # this chunk's max [R]
+    arg: torch.Tensor | None = None  # its column (first on ties), when a statistic asked for it
     y: torch.Tensor | None = None  # next token per row, −1 where none [R]
     zy: torch.Tensor | None = None  # its logit, NaN where none [R]
     ref: Chunk | None = None  # the reference's chunk (rows = tokens; our rows = groups × tokens)
     e: torch.Tensor | None = None  # e^{z − m} [R, C], set before `after`
+    scratch: torch.Tensor | None = None  # reusable fp32 block of at least R·C values (no per-chunk allocation)
     cache: dict = field(default_factory=dict)
+
+    def buffer(self, shape: torch.Size) -> torch.Tensor | None:
+        """A view of the scratch block of this shape (None without one: the op then allocates)."""
+        return self.scratch[: math.prod(shape)].view(shape) if self.scratch is not None else None
+
+    def rowsum(self, op, *args) -> torch.Tensor:
+        """Σ over the last dim of op(*args) (e.g. torch.mul, e, z), the product written into the scratch block."""
+        shape = torch.broadcast_shapes(*(a.shape for a in args if isinstance(a, torch.Tensor)))
+        return op(*args, out=self.buffer(shape)).sum(-1)
 
     def expand(self, ref_values: torch.Tensor) -> torch.Tensor:
         """Per-token reference values [T, ...] repeated for every group of our rows [G·T, ...]."""
@@ -104,6 +117,7 @@ class Statistic:
     needs_target: ClassVar[bool] = False  # needs the next token y (and z_y)
     needs_output: ClassVar[bool] = False  # needs the reference logits z_out
     reference_needs: ClassVar[tuple[Statistic, ...]] = ()  # statistics the reference itself must reduce
+    needs_argmax: ClassVar[bool] = False  # needs each chunk's argmax (`Chunk.arg`)
     per_token: ClassVar[bool] = False  # stored per token only, never averaged (top-k lists)
     log_vocab_bound: ClassVar[bool] = False  # 0 ≤ value ≤ ln|V| (entropies)
     label: ClassVar[str] = ""
@@ -138,7 +152,7 @@ class Entropy(Statistic):
         return {"u": torch.zeros(rows, device=device)}
 
     def after(self, state, c):
-        state["u"] = c.r * (state["u"] + c.delta * c.s_old) + torch.linalg.vecdot(c.e, c.z, dim=1)
+        state["u"] = c.r * (state["u"] + c.delta * c.s_old) + c.rowsum(torch.mul, c.e, c.z)
 
     def finish(self, state, r):
         return {self.name: r.s.log() - state["u"] / r.s}
@@ -174,7 +188,7 @@ class Renyi(Statistic):
     def after(self, state, c):
         if math.isinf(self.alpha):
             return
-        powered = torch.linalg.vecdot(c.e, c.e, dim=1) if self.alpha == 2 else c.e.pow(self.alpha).sum(1)
+        powered = c.rowsum(torch.mul, c.e, c.e) if self.alpha == 2 else c.rowsum(torch.pow, c.e, self.alpha)
         state["q"] = c.r.pow(self.alpha) * state["q"] + powered
 
     def finish(self, state, r):
@@ -207,7 +221,8 @@ class Rank(Statistic):
         return {"n": torch.zeros(rows, dtype=torch.long, device=device)}
 
     def before(self, state, c):
-        state["n"] += (c.z > c.zy[:, None]).sum(1)
+        above = torch.sub(c.z, c.zy[:, None], out=c.buffer(c.z.shape)).gt_(0)  # z_v − z_y > 0 ⇔ z_v > z_y exactly
+        state["n"] += above.sum(1).long()
         local = c.y - c.start
         inside = (local >= 0) & (local < c.z.shape[1])
         own = c.z.gather(1, local.clamp(0, c.z.shape[1] - 1)[:, None])[:, 0] > c.zy
@@ -222,16 +237,16 @@ class ArgMax(Statistic):
     """Index of the largest logit (the first one on ties, as torch.argmax)."""
 
     name: ClassVar[str] = "argmax"
+    needs_argmax: ClassVar[bool] = True
 
     def start(self, rows, device):
         return {"v": torch.full((rows,), -math.inf, device=device), "i": torch.zeros(rows, dtype=torch.long,
                                                                                       device=device)}
 
     def before(self, state, c):
-        values, index = c.z.max(dim=1)
-        better = values > state["v"]
-        state["v"] = torch.where(better, values, state["v"])
-        state["i"] = torch.where(better, index + c.start, state["i"])
+        better = c.peak > state["v"]
+        state["v"] = torch.where(better, c.peak, state["v"])
+        state["i"] = torch.where(better, c.arg + c.start, state["i"])
 
     def finish(self, state, r):
         return {self.name: state["i"]}
@@ -267,9 +282,9 @@ class KLOut(Statistic):
     def after(self, state, c):
         o = c.ref
         if "ez" not in o.cache:  # Σ e_out·(z_out − a) per token, shared by every site of the chunk
-            o.cache["ez"] = torch.linalg.vecdot(o.e, o.z, dim=1)
-        tokens, width = o.z.shape
-        cross = torch.linalg.vecdot(c.z.view(-1, tokens, width), o.e, dim=2).reshape(-1)  # Σ e_out·(z − b)
+            o.cache["ez"] = c.rowsum(torch.mul, o.e, o.z)
+        tokens, width = o.z.shape  # Σ e_out·(z − b) of every site row: one batched matrix-vector product per token
+        cross = torch.bmm(c.z.view(-1, tokens, width).transpose(0, 1), o.e[:, :, None])[:, :, 0].T.reshape(-1)
         moved = (c.expand(o.delta) - c.delta).double() * c.expand(o.s_old)
         state["a"] = c.expand(o.r) * (state["a"] + moved) + (c.expand(o.cache["ez"]) - cross)
 
@@ -373,17 +388,19 @@ class Online:
         self.m: torch.Tensor | None = None
         self.s = torch.zeros(rows, device=device)
         self.states = [st.start(rows, device) for st in self.stats]
+        self.argmax = any(st.needs_argmax for st in self.stats)
 
     def feed(self, z: torch.Tensor, start: int, e_out: torch.Tensor | None = None,
-             ref: Chunk | None = None) -> Chunk:
-        """Fold one chunk of logits [R, C] in (z is shifted in place; e_out, if given, receives e^{z−m})."""
-        chunk_max = z.amax(dim=1)
+             ref: Chunk | None = None, scratch: torch.Tensor | None = None) -> Chunk:
+        """Fold one chunk of logits [R, C] in (z is shifted in place; e_out, if given, receives e^{z−m};
+        `scratch`, if given, holds the statistics' temporary products)."""
+        chunk_max, arg = z.max(dim=1) if self.argmax else (z.amax(dim=1), None)
         if self.m is None:
             m, delta = chunk_max, torch.zeros_like(chunk_max)
         else:
             m = torch.maximum(self.m, chunk_max)
             delta = self.m - m
-        c = Chunk(z, start, m, delta, delta.exp(), self.s, self.y, self.zy, ref)
+        c = Chunk(z, start, m, delta, delta.exp(), self.s, chunk_max, arg, self.y, self.zy, ref, scratch=scratch)
         for st, state in zip(self.stats, self.states):
             st.before(state, c)
         z.sub_(m[:, None])
@@ -458,7 +475,7 @@ def decode(
     index = {k: i for i, k in enumerate(keys)}
     found: dict[Key, dict[str, list[torch.Tensor]]] = {k: {} for k in keys}
     block = (len(keys) + has_ref) * min(width, n) * min(vocab_chunk, vocab)
-    z_buf, e_buf = torch.empty(block, device=device), torch.empty(block, device=device)
+    z_buf, e_buf, scratch = (torch.empty(block, device=device) for _ in range(3))
     for t0 in range(0, n, width):
         t1 = min(n, t0 + width)
         t = t1 - t0
@@ -488,8 +505,8 @@ def decode(
             ref_chunk = None
             if has_ref:
                 ref_dec.post(z[:t])
-                ref_chunk = ref.feed(z[:t], v0, e[:t])
-            sites.feed(decoder.post(z[has_ref * t:]), v0, e[has_ref * t:], ref_chunk)
+                ref_chunk = ref.feed(z[:t], v0, e[:t], scratch=scratch)
+            sites.feed(decoder.post(z[has_ref * t:]), v0, e[has_ref * t:], ref_chunk, scratch)
         _, values = sites.finish()
         for column, value in values.items():
             for key, part in zip(keys, value.view(len(keys), t, *value.shape[1:])):
