@@ -130,7 +130,7 @@ def _profile_batch(model, spec, plan, decoders, batch, pad_id, settings, tokeniz
     per_token = len(held) * spec.d_model * spec.unembed_weight.element_size()
     found: dict[Site, dict[str, list]] = {}
     cosines: dict[Site, list] = {}
-    for group in _forwards(batch, kept, per_token, settings.hidden_budget_mb << 20):
+    for group in _forwards(batch, kept, per_token, int(settings.hidden_budget_mb * 2**20)):
         values, cos = _decode_forward(model, spec, plan, decoders, group, pad_id, stats, held)
         for site, cols in values.items():
             for column, v in cols.items():

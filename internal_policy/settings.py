@@ -73,8 +73,8 @@ class ProfileSettings:
     chat: dict = _option({}, "chat-template options (the CLI fills them from --thinking / --chat-option)",
                          flag="--thinking/--chat-option", cli=False)
     batch_size: int = _option(8, "records per batch (one shard each)", key=False)
-    hidden_budget_mb: int = _option(2048, "MiB of kept hidden rows held per forward pass; longer batches are split "
-                                    "into several forwards", key=False)
+    hidden_budget_mb: float = _option(2048.0, "MiB of kept hidden rows held per forward pass; a batch above it runs as "
+                                      "several forwards (a long record as several prefixes)", key=False)
     linear: bool = _option(True, "decode every site by a matmul instead of summing the logits of H_l = H_{l-1} + "
                            "A_l + F_l (raw fp32 decoding only; equal to float rounding)", flag="--no-linear", key=False)
 
@@ -91,9 +91,10 @@ class ProfileSettings:
         set_("chat", dict(self.chat))
         if self.token_sample is not None and not 0 < self.token_sample <= 1:
             raise InputError(f"token_sample must be a fraction in (0, 1], got {self.token_sample}")
-        for name in ("batch_size", "hidden_budget_mb"):
-            if getattr(self, name) < 1:
-                raise InputError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.batch_size < 1:
+            raise InputError(f"batch_size must be at least 1, got {self.batch_size}")
+        if not self.hidden_budget_mb > 0:
+            raise InputError(f"hidden_budget_mb must be positive, got {self.hidden_budget_mb}")
 
     def statistics(self) -> list[Statistic]:
         """The requested statistics (entropy first; see `internal_policy.stats`)."""

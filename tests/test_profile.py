@@ -323,3 +323,19 @@ def test_accelerate_dispatched_model_profiles_the_same(stories, tmp_path):
     whole = profile(model, tok, RECORDS, progress=False)
     split = profile(dispatched, tok, RECORDS, progress=False)
     pd.testing.assert_frame_equal(split.summary, whole.summary, check_exact=False, atol=1e-6, rtol=0)
+
+
+def test_hidden_budget_splits_forwards_without_changing_results(stories, monkeypatch):
+    """A budget of ~6 kept tokens per forward: batches run as several forwards and long records as prefixes
+    ending at their kept positions; every statistic equals the one-forward run up to float rounding."""
+    model, tok = stories
+    whole = profile(model, tok, RECORDS, batch_size=5, progress=False, **STATS)
+    forwards = []
+    real = profile_module.decode
+    monkeypatch.setattr(profile_module, "decode", lambda *a, **k: (forwards.append(len(k["targets"])), real(*a, **k))[1])
+    per_token = (1 + 4 * describe(model).n_layers + 1) * describe(model).d_model * 4  # direct sites + output, fp32
+    split = profile(model, tok, RECORDS, batch_size=5, hidden_budget_mb=6 * per_token / 2**20, progress=False, **STATS)
+    assert max(forwards) == 6 and sum(forwards) == whole.meta["n_tokens"] and len(forwards) >= 10
+    scalars = [c for c in whole.tokens.columns if whole.tokens[c].dtype.kind == "f"]
+    pd.testing.assert_frame_equal(split.tokens[scalars], whole.tokens[scalars], check_exact=False, atol=1e-5, rtol=0)
+    assert split.tokens["topk_ids"].map(list).equals(whole.tokens["topk_ids"].map(list))
