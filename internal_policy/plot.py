@@ -331,9 +331,10 @@ def token_label(text: str) -> str:
     return "".join(shown.get(c, c if ord(c) in _glyphs() else f"<{ord(c):x}>") for c in text)
 
 
-def _record_grid(tokens: pd.DataFrame, record_id: str | None, component: str, stat: str,
-                 max_positions: int) -> tuple[str, pd.DataFrame, pd.DataFrame, int]:
-    """(record id, rows of that record and component, layer × position grid of `stat`, all positions)."""
+def _record_grid(tokens: pd.DataFrame, record_id: str | None, component: str, stat: str, max_positions: int,
+                 label: str | None) -> tuple[pd.DataFrame, pd.DataFrame, pd.Series, str]:
+    """(rows of one record and component, layer × position grid of `stat`, input token per position,
+    the title's "(model, record, component, cut)" part)."""
     if record_id is None:
         record_id = str(tokens["record_id"].iloc[0])
     if stat not in tokens.columns:
@@ -343,7 +344,10 @@ def _record_grid(tokens: pd.DataFrame, record_id: str | None, component: str, st
         known = ", ".join(map(str, tokens["record_id"].unique()[:8]))
         raise InputError(f"no '{component}' rows for record '{record_id}' in tokens.parquet (records: {known} ...)")
     grid = rows.pivot(index="layer", columns="position", values=stat).sort_index(ascending=False)
-    return record_id, rows, grid.iloc[:, :max_positions], grid.shape[1]
+    words = rows.drop_duplicates("position").set_index("position")["token"].astype(str)
+    cut = f", first {max_positions} of {grid.shape[1]} positions" if grid.shape[1] > max_positions else ""
+    who = f"{label}, " if label else ""
+    return rows, grid.iloc[:, :max_positions], words, f"({who}record '{record_id}', component '{component}'{cut})"
 
 
 def _colour_range(stat: str, vocab_size: int | None) -> tuple[float | None, float | None]:
@@ -383,12 +387,8 @@ def heatmap_figure(
 
     Column = the token at that position; the cell is the statistic of the policy predicting the next token.
     """
-    record_id, rows, grid, n_all = _record_grid(tokens, record_id, component, stat, max_positions)
-    words = rows.drop_duplicates("position").set_index("position")["token"].astype(str)
-    cut = f", first {grid.shape[1]} of {n_all} positions" if n_all > grid.shape[1] else ""
-    who = f"{label}, " if label else ""
-    name = "Entropy" if stat == "entropy" else stat
-    title = f"{name} per token and layer ({who}record '{record_id}', component '{component}'{cut})"
+    _, grid, words, where = _record_grid(tokens, record_id, component, stat, max_positions, label)
+    title = f"{'Entropy' if stat == 'entropy' else stat} per token and layer {where}"
     return _grid_figure(grid, words, stat, vocab_size, title, f"{stat} of the next-token prediction")
 
 
@@ -405,15 +405,11 @@ def lens_figure(
     token of that site (needs a run profiled with `--topk K`, K ≥ 1), coloured by `stat`."""
     if "topk_tokens" not in tokens.columns:
         raise InputError("this run stored no top-k tokens; profile with --topk 1 (or more) to draw the lens figure")
-    record_id, rows, grid, n_all = _record_grid(tokens, record_id, component, stat, max_positions)
+    rows, grid, words, where = _record_grid(tokens, record_id, component, stat, max_positions, label)
     top1 = rows.assign(top1=[token_label(str(t[0])) for t in rows["topk_tokens"]])
     annot = top1.pivot(index="layer", columns="position", values="top1").loc[grid.index, grid.columns]
-    words = rows.drop_duplicates("position").set_index("position")["token"].astype(str)
-    cut = f", first {grid.shape[1]} of {n_all} positions" if n_all > grid.shape[1] else ""
-    who = f"{label}, " if label else ""
-    title = f"Logit lens: top-1 decoded token per layer ({who}record '{record_id}', component '{component}'{cut})"
-    return _grid_figure(grid, words, stat, vocab_size, title, f"top-1 next token, colour: {stat}", annot,
-                        cell_width=0.55)
+    return _grid_figure(grid, words, stat, vocab_size, f"Logit lens: top-1 decoded token per layer {where}",
+                        f"top-1 next token, colour: {stat}", annot, cell_width=0.55)
 
 
 def save_figure(

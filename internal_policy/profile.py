@@ -53,10 +53,6 @@ from .settings import ProfileSettings, describe_change, records_digest, resume_k
 from .sites import ORDER, RowHolder, SitePlan, delta_input
 from .stats import decode
 
-SITE_COLUMNS = ("entropy", "delta", "cos_resid")
-"""Per-site columns besides the statistics: entropy, its change ΔH against the site's input, the residual cosine."""
-
-
 def _kept_positions(example: Example, token_sample: float | None, seed: int) -> np.ndarray:
     """Kept positions of one example; with `token_sample`, a seeded random subset (at least one)."""
     positions = np.arange(example.start, example.stop)

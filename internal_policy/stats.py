@@ -50,6 +50,9 @@ from .errors import InputError
 if TYPE_CHECKING:
     from .entropy import Decoder
 
+Key = Hashable
+"""A site's name in `decode` (the profile uses (layer, component))."""
+
 
 @dataclass
 class Chunk:
@@ -420,9 +423,6 @@ class Online:
         return rows, values
 
 
-Key = Hashable
-
-
 def _target_logits(decoder: Decoder, w: torch.Tensor, x: torch.Tensor, y: torch.Tensor,
                    sums: Mapping[int, Sequence[int]]) -> torch.Tensor:
     """z_y of every row [G·T] (NaN where y < 0): dot products of the direct sites' rows x [D, T, d] with
@@ -490,16 +490,16 @@ def decode(
             y = y.repeat(len(keys))
         ref = Online(ref_stats, t, device) if has_ref else None
         sites = Online(stats, len(keys) * t, device, y, zy, ref)
+        at = {k: slice((has_ref + i) * t, (has_ref + i + 1) * t) for k, i in index.items()}  # each site's rows
         for v0 in range(0, vocab, vocab_chunk):
             v1 = min(vocab, v0 + vocab_chunk)
             size = (len(keys) + has_ref) * t * (v1 - v0)
             z = z_buf[:size].view(-1, v1 - v0)
             decoder.matmul(x, w, v0, v1, out=z[: x.shape[0]])
-            for key, addends in sums.items():  # linearity: sums of blocks already computed
-                target = z[(has_ref + index[key]) * t:][:t]
-                torch.add(*(z[(has_ref + index[a]) * t:][:t] for a in addends[:2]), out=target)
+            for key, addends in sums.items():  # linearity: sums of blocks already computed, bias added after
+                torch.add(z[at[addends[0]]], z[at[addends[1]]], out=z[at[key]])
                 for a in addends[2:]:
-                    target += z[(has_ref + index[a]) * t:][:t]
+                    z[at[key]] += z[at[a]]
             decoder.add_bias(z, v0, v1)
             e = e_buf[:size].view(-1, v1 - v0)
             ref_chunk = None
