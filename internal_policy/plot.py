@@ -351,10 +351,11 @@ def _record_grid(tokens: pd.DataFrame, record_id: str | None, component: str, st
 
 
 def _colour_range(stat: str, vocab_size: int | None) -> tuple[float | None, float | None]:
-    """Fixed colour limits where the statistic has them: 0..ln|V| for entropies, 0..1 for agreement."""
-    if by_name(stat).log_vocab_bound:
+    """Fixed colour limits where the statistic has them: 0..ln|V| for entropies, its own range otherwise."""
+    statistic = by_name(stat)
+    if statistic.log_vocab_bound:
         return 0, np.log(vocab_size) if vocab_size else None
-    return (0, 1) if stat == "top1_agree" else (None, None)
+    return statistic.value_range or (None, None)
 
 
 def _grid_figure(grid: pd.DataFrame, words: pd.Series, stat: str, vocab_size: int | None, title: str,

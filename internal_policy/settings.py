@@ -89,6 +89,8 @@ class ProfileSettings:
         set_("renyi_alpha", ())  # folded into `stats` as renyi<α> names: one spelling per request
         set_("topk", next((st.k for st in chosen if st.name == "topk"), 0))
         set_("chat", dict(self.chat))
+        if self.topk and not self.keep_tokens:
+            raise InputError("--topk stores per-token lists in tokens.parquet: drop --no-tokens or --topk")
         if self.token_sample is not None and not 0 < self.token_sample <= 1:
             raise InputError(f"token_sample must be a fraction in (0, 1], got {self.token_sample}")
         if self.batch_size < 1:

@@ -13,9 +13,10 @@ A `SitePlan` maps every reported site (and every input a ΔH needs) to the tenso
 - the rest are **direct**: their kept rows are held until the forward ends, then decoded together.
 
 `RowHolder` is the capture callback that gathers those rows (and the residual cosines) in one
-forward. It holds kept_tokens × (direct sites + 1) × d_model values of the model's dtype: e.g.
-kept 64 tokens of a 28-layer, d = 1024 model with all components = 64 × 142 × 1024 × 4 B ≈ 37 MiB in
-fp32. `profile` splits a batch into forwards that keep this under `hidden_budget_mb`.
+forward. It holds kept_tokens × (direct sites + 1) × d_model values of the model's dtype: e.g. 64
+kept tokens of a 28-layer, d = 1024 fp32 model with all components (1 + 4·28 direct sites and the
+output) = 64 × 114 × 1024 × 4 B ≈ 28.5 MiB. `profile` splits a batch into forwards that keep this
+under `hidden_budget_mb`.
 """
 
 from __future__ import annotations

@@ -123,6 +123,7 @@ class Statistic:
     needs_argmax: ClassVar[bool] = False  # needs each chunk's argmax (`Chunk.arg`)
     per_token: ClassVar[bool] = False  # stored per token only, never averaged (top-k lists)
     log_vocab_bound: ClassVar[bool] = False  # 0 ≤ value ≤ ln|V| (entropies)
+    value_range: ClassVar[tuple[float, float] | None] = None  # other fixed bounds (figure colour scales)
     label: ClassVar[str] = ""
 
     @property
@@ -262,6 +263,7 @@ class Top1Agree(ArgMax):
     name: ClassVar[str] = "top1_agree"
     needs_output: ClassVar[bool] = True
     reference_needs: ClassVar[tuple[Statistic, ...]] = (ArgMax(),)
+    value_range: ClassVar[tuple[float, float] | None] = (0.0, 1.0)
     label: ClassVar[str] = "top-1 agreement with the output"
 
     def finish(self, state, r):

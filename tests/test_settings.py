@@ -63,7 +63,8 @@ def test_canonical_form_and_resume_key():
     assert {"batch_size", "hidden_budget_mb", "linear"}.isdisjoint(base)
     for bad, message in (({"components": ["mlp"]}, "unknown component"), ({"token_sample": 2.0}, "fraction"),
                          ({"batch_size": 0}, "at least 1"), ({"stats": ["perplexity"]}, "unknown statistic"),
-                         ({"topk": 21}, "between 1 and 20"), ({"renyi_alpha": [1.0]}, "Shannon")):
+                         ({"topk": 21}, "between 1 and 20"), ({"renyi_alpha": [1.0]}, "Shannon"),
+                         ({"topk": 2, "keep_tokens": False}, "drop --no-tokens or --topk")):
         with pytest.raises(InputError, match=message):
             ProfileSettings(**bad)
 
