@@ -430,7 +430,7 @@ def _target_logits(decoder: Decoder, w: torch.Tensor, x: torch.Tensor, y: torch.
     """z_y of every row [G·T] (NaN where y < 0): dot products of the direct sites' rows x [D, T, d] with
     W_y, sites given as sums added up like their logits, then bias and the decoder's scale / soft-cap."""
     raw = torch.empty(x.shape[0] + len(sums), x.shape[1], device=x.device)
-    raw[: x.shape[0]] = torch.linalg.vecdot(x.float(), w[y.clamp(min=0)].float(), dim=2)
+    raw[: x.shape[0]] = torch.bmm(x.float().transpose(0, 1), w[y.clamp(min=0)].float()[:, :, None])[:, :, 0].T
     for i, addends in sums.items():
         raw[i] = sum(raw[a] for a in addends)
     if decoder.bias is not None:
@@ -475,7 +475,7 @@ def decode(
     width = max(1, budget // (len(keys) + has_ref))  # tokens per chunk: the stacked block stays ~budget rows
     device, vocab, w = decoder.weight.device, decoder.vocab_size, decoder.mm_weight()
     index = {k: i for i, k in enumerate(keys)}
-    found: dict[Key, dict[str, list[torch.Tensor]]] = {k: {} for k in keys}
+    found: dict[str, torch.Tensor] = {}  # column -> [sites, n, ...], filled token chunk by token chunk
     block = (len(keys) + has_ref) * min(width, n) * min(vocab_chunk, vocab)
     z_buf, e_buf, scratch = (torch.empty(block, device=device) for _ in range(3))
     for t0 in range(0, n, width):
@@ -511,6 +511,7 @@ def decode(
             sites.feed(decoder.post(z[has_ref * t:]), v0, e[has_ref * t:], ref_chunk, scratch)
         _, values = sites.finish()
         for column, value in values.items():
-            for key, part in zip(keys, value.view(len(keys), t, *value.shape[1:])):
-                found[key].setdefault(column, []).append(part)
-    return {k: {c: torch.cat(parts) for c, parts in cols.items()} for k, cols in found.items()}
+            if column not in found:
+                found[column] = value.new_empty(len(keys), n, *value.shape[1:])
+            found[column][:, t0:t1] = value.view(len(keys), t, *value.shape[1:])
+    return {k: {c: v[i] for c, v in found.items()} for k, i in index.items()}
