@@ -9,10 +9,11 @@ largest temporaries are a few [token_chunk × vocab_chunk] fp32 blocks whatever 
 tokens, layers or the vocabulary size.
 
 Why not TRL's `trl.kernels.ChunkedLogProbFunction`, which also returns per-row entropy of any
-hidden/weight/bias on CPU and GPU: its logits tiles are in the inputs' dtype, so on a bf16 model
-its entropies are off by up to 4e-2 nats against a float64 reference (this module: ~2e-6), and on
-fp32 copies it is as exact but not faster on CPU; it also lacks the other statistics, stacked
-sites and linear sums (measured by bench/trl_entropy.py; figures in bench/RESULTS.md).
+hidden/weight/bias on CPU and GPU: its logits tiles are in the inputs' dtype, so on bf16 inputs
+its entropies are off by up to 7e-2 nats against a float64 reference (this module: 3e-6; faster
+on CPU only because the matmul is bf16), and on fp32 copies it is exact but 1.1x slower; it also
+lacks the other statistics, stacked sites and linear sums (bench/trl_entropy.py; figures in
+bench/RESULTS.md).
 """
 
 from __future__ import annotations
