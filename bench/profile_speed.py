@@ -504,7 +504,7 @@ def main() -> None:
         print("stats.decode with all statistics, above its held rows (MiB): "
               + ", ".join(f"{k} {v:.1f}" for k, v in held.items())
               + f" (three decoder blocks: {1.5 * block:.0f} MiB, plus the stacked rows); "
-              + f"flat (2x tokens, 2x sites within half a block of base): "
+              + "flat (2x tokens, 2x sites within half a decoder block of base): "
               + f"{max(held.values()) <= held['base'] + block / 4}")
     print(f"engine speedup over official: {spread(per_round['engine speedup'])}; profile: {spread(per_round['speedup'])}")
     print(f"speedup={statistics.median(per_round['speedup']):.2f} "

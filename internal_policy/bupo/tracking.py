@@ -10,9 +10,7 @@ kept positions (`internal_policy.data` conventions):
 - `perplexity` of π_θ on the probe's kept next tokens (Fig. 5c);
 plus, from TRL's own logs, `reward` and `trl_entropy` (entropy of the policy being optimised on the
 rollouts: π^k's during BuPO's internal phase). Rows are (step, metric, layer, value), written to
-parquet. Hidden states come from `capture.extract`; entropies, KL and the NLL behind the perplexity
-from one pass of `internal_policy.stats` (fp32, nats): every layer's entropy and KL(π^k ‖ π^l) in one
-stacked decoding with π^k as the reference, and the actor's entropy and NLL in another.
+parquet. Entropies come from `capture.extract` + `entropy.Decoder` (fp32, nats).
 """
 
 from __future__ import annotations
@@ -60,8 +58,10 @@ def measure(model, tokenizer, records: list[dict], k: int, spec: ModelSpec | Non
     hidden = extract(model, ids, attention, components=("layer",), spec=spec)
     model.train(was_training)
     H = {layer: hidden[(layer, "layer")][keep] for layer in range(spec.n_layers + 1)}
+    # one pass of internal_policy.stats: every layer's entropy and KL(π^k ‖ π^l) (π^k as the reference),
+    # then the actor's entropy and NLL (the perplexity) in another
     raw = Decoder.from_spec(spec, final_norm=final_norm)
-    inner = decode(raw, H, [ENTROPY, KLOut()], reference=(raw, H[k]))  # KL(π^k ‖ π^l) for every l
+    inner = decode(raw, H, [ENTROPY, KLOut()], reference=(raw, H[k]))
     targets = ids[:, 1:][keep[:, :-1]]
     actor = Decoder.output_of(spec).statistics(H[spec.n_layers], [ENTROPY, NLL()], targets=targets)
     rows = [{"metric": "entropy", "layer": layer, "value": v["entropy"].mean().item()} for layer, v in inner.items()]
