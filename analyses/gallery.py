@@ -3,7 +3,9 @@
 Profiles the embedded stories260K model and two tiny random architectures (Qwen3, GPT-2, built
 offline from configs with initializer_range 0.2) on the bundled sample stories, then draws:
 flow, delta, cosine, heatmap (stories260K), compare (all three) and stages (hand-made ΔH_FFN curves
-shaped like the paper's Qwen3-4B and Llama readings of Fig. 3, plus the two edge cases).
+shaped like the paper's Qwen3-4B and Llama readings of Fig. 3, plus the two edge cases), and the
+logit-lens grid of stories260K (a second profile of its layer outputs with the final norm, every
+statistic and the top-3 tokens).
 
     HF_HUB_OFFLINE=1 PYTHONPATH=. python analyses/gallery.py [--runs runs/gallery] [--out figures]
 
@@ -29,6 +31,7 @@ from internal_policy.plot import (
     delta_figure,
     flow_figure,
     heatmap_figure,
+    lens_figure,
     save_figure,
     stages_figure,
 )
@@ -68,7 +71,7 @@ def hand_made_curves() -> dict:
 
 
 def profile_all(runs_dir: Path) -> list[Path]:
-    """Profile stories260K and the tiny models on the bundled samples into fresh run folders."""
+    """Profile stories260K and the tiny models on the bundled samples into fresh run folders, then the lens run."""
     records = read_jsonl(Path(str(resources.files("internal_policy") / "assets" / "samples" / "stories.jsonl")))
     model, tokenizer = load_model()
     models = {"stories260K": model, **tiny_models()}
@@ -78,7 +81,11 @@ def profile_all(runs_dir: Path) -> list[Path]:
         shutil.rmtree(out, ignore_errors=True)
         profile(m, tokenizer, records, out_dir=out, progress=False, model_name=name)
         dirs.append(out)
-    return dirs
+    lens = runs_dir / "stories260K-lens"  # the logit lens: layer outputs with the final norm, top-3 tokens
+    shutil.rmtree(lens, ignore_errors=True)
+    profile(model, tokenizer, records, components=["layer"], final_norm=True, stats=["all"], topk=3, out_dir=lens,
+            progress=False, model_name="stories260K")
+    return [*dirs, lens]
 
 
 def main() -> None:
@@ -86,7 +93,7 @@ def main() -> None:
     parser.add_argument("--runs", type=Path, default=Path("runs/gallery"), help="where the profile runs go")
     parser.add_argument("--out", type=Path, default=Path("figures"), help="where the PNGs go")
     args = parser.parse_args()
-    stories, *tiny = [Run.from_dir(d) for d in profile_all(args.runs)]
+    stories, *tiny, lens = [Run.from_dir(d) for d in profile_all(args.runs)]
     figures = {
         "flow": flow_figure([stories, tiny[0]]),
         "delta": delta_figure(stories),
@@ -95,6 +102,7 @@ def main() -> None:
         "heatmap": heatmap_figure(stories.tokens(), record_id="dog", max_positions=64, vocab_size=stories.vocab_size,
                                   label=stories.label),
         "compare": compare_figure([stories, *tiny]),
+        "lens": lens_figure(lens.tokens(), record_id="dog", max_positions=24, stat="nll", label="stories260K"),
         "stages": stages_figure(hand_made_curves()),
     }
     for name, fig in figures.items():

@@ -7,24 +7,41 @@ In one process, on the same random-weight model, tokens and device, this times
       copying every activation to the CPU, then per module one `lm_head` call with a full softmax
       and log_softmax for its input and one for its output (so H_{l-1} is decoded twice), plus the
       final logits' entropy;
-  (b) `engine`: `capture` streaming each tensor (kept positions gathered) into `Decoder.entropy`,
-      each unique tensor decoded once, batched, `logits_to_keep=1`;
-  (c) `profile`: `internal_policy.profile.profile(...)`, the public API (in memory, per-token table).
-Both package paths decode the sites the official method reports (layer, attn_in, attn, ffn_in,
-ffn) and keep the same positions (those predicting a response token), so the entropies can be
-compared one by one. Records carry token ids as text through a pass-through tokenizer: the model has
-random weights and no vocabulary, and both methods then see identical tokens.
+  (b) `engine`: the per-site path: `capture` streaming each tensor (kept positions gathered) into
+      `Decoder.entropy`, each unique tensor decoded on its own, batched, `logits_to_keep=1`;
+  (c) `profile`: `internal_policy.profile.profile(...)`, the public API (in memory, per-token
+      table): every site of a token chunk stacked into one matmul per vocabulary chunk, H_l's logits
+      summed from H_{l-1}, A_l and F_l (raw fp32 decoding is linear);
+  (d) `profile-all`: the same with `stats=["all"]` (entropy, renyi2, nll, rank, kl_out, top1_agree);
+  (e) `six-linear` / `six-plain`: `profile` with all six components, with and without the sums.
+(a)-(d) decode the sites the official method reports (layer, attn_in, attn, ffn_in, ffn) and keep
+the same positions (those predicting a response token), so the entropies can be compared one by one.
+Records carry token ids as text through a pass-through tokenizer: the model has random weights and
+no vocabulary, and both methods then see identical tokens.
 
-Reported: tokens/s of each method and the speedup of `profile` over `official`; the fraction of the
+The methods run interleaved, one after another within each of `--rounds` rounds (default 3), and
+every ratio is taken within a round and reported as the median over rounds with its min-max: a
+neighbour's load on a shared machine then lands on all methods of a round rather than on one. The
+matmul reference rate is measured inside each round too.
+
+Reported: tokens/s of each method; the speedup of `profile` over `official`; the fraction of the
 unembedding roofline, i.e. (decodings x 2*d*|V| FLOPs) / elapsed time over the rate of one large
-`torch.mm` of the decoder's shape class measured in the same run; peak memory of each method (CUDA:
-`max_memory_allocated` above what was allocated before; CPU: a fresh child process per method,
-peak RSS (VmHWM, reset through /proc/self/clear_refs) above the RSS after building the model); and
-the extra peak of `profile` over a plain forward pass, which is what the decodings cost.
+`torch.mm` of the decoder's shape class (every decoding counted as a full matmul, also those the
+linear path replaces by a sum); the time of all scalar statistics over entropy alone; the speed of
+the linear path over the plain path with all six components (and their largest per-token entropy
+difference); peak memory of each method (CUDA: `max_memory_allocated` above what was allocated
+before; CPU: a fresh child process per method, peak RSS (VmHWM, reset through
+/proc/self/clear_refs) above the RSS after building the model); the extra peak of the per-site
+engine over a plain forward pass at 2x tokens and 2x layers; and the peak of `stats.decode` with
+all statistics above its inputs (the held rows) at 2x tokens and 2x sites: decoding memory that
+grows with neither.
 
-The last line is `speedup=X roofline=Y peak_mem_ratio=Z` (ratio = official peak / profile peak).
-Run: `python bench/profile_speed.py` (CPU, d=512, 8 layers, |V|=32000) or
-`python bench/profile_speed.py --device cuda --shape qwen3-8b` (bf16 package vs fp32 official).
+The last line is `speedup=X roofline=Y peak_mem_ratio=Z stats_ratio=S linear_speedup=P`
+(peak_mem_ratio = official peak / profile peak; stats_ratio = profile-all / profile time).
+Run: `python bench/profile_speed.py` (CPU, d=512, 8 layers, |V|=32000),
+`python bench/profile_speed.py --shape qwen3-0.6b` (CPU, d=1024, 28 layers, |V|=151936, 64 kept
+tokens in one batch) or `python bench/profile_speed.py --device cuda --shape qwen3-8b` (bf16
+package vs fp32 official).
 """
 
 from __future__ import annotations
@@ -34,6 +51,7 @@ import json
 import math
 import os
 import resource
+import statistics
 import subprocess
 import sys
 import time
@@ -46,22 +64,29 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
+from internal_policy.capture import COMPONENTS as ALL_SIX  # noqa: E402
 from internal_policy.capture import capture  # noqa: E402
 from internal_policy.entropy import Decoder  # noqa: E402
-from internal_policy.models import describe  # noqa: E402
+from internal_policy.models import ModelSpec, describe  # noqa: E402
 from internal_policy.profile import profile  # noqa: E402
+from internal_policy.stats import decode, resolve  # noqa: E402
 
 SHAPES = {
     "small": dict(arch="llama", hidden_size=512, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=8,
                   intermediate_size=1408, vocab_size=32000),
+    "qwen3-0.6b": dict(arch="qwen3", hidden_size=1024, num_hidden_layers=28, num_attention_heads=16,
+                       num_key_value_heads=8, head_dim=128, intermediate_size=3072, vocab_size=151936),
     "qwen3-8b": dict(arch="qwen3", hidden_size=4096, num_hidden_layers=36, num_attention_heads=32,
                      num_key_value_heads=8, head_dim=128, intermediate_size=12288, vocab_size=151936),
 }
-LENGTHS = {"small": (3, 64, 320), "qwen3-8b": (8, 256, 1024)}
+LENGTHS = {"small": (3, 64, 320), "qwen3-0.6b": (1, 16, 64), "qwen3-8b": (8, 256, 1024)}
 """Default (samples, prompt tokens, response tokens) per shape."""
 COMPONENTS = ("layer", "attn_in", "attn", "ffn_in", "ffn")
 """The sites the official method reports; both package paths decode exactly these."""
-METHODS = ("official", "engine", "profile")
+METHODS = ("official", "engine", "profile", "profile-all", "six-linear", "six-plain")
+PROFILE_OPTIONS = {"profile": dict(components=COMPONENTS), "profile-all": dict(components=COMPONENTS, stats=["all"]),
+                   "six-linear": dict(components=ALL_SIX), "six-plain": dict(components=ALL_SIX, linear=False)}
+"""`profile` calls of the package methods (same tokens, batch size and device)."""
 
 
 class IdTokenizer:
@@ -193,11 +218,11 @@ def engine(model, samples: list[torch.Tensor], start: int, device: str, batch_si
     return {key: torch.cat(parts).cpu() for key, parts in found.items()}
 
 
-def run_profile(model, samples: list[torch.Tensor], start: int, batch_size: int):
+def run_profile(model, samples: list[torch.Tensor], start: int, batch_size: int, **options):
     """The public API on the same tokens (prompt/response records of ids)."""
     records = [{"id": str(n), "prompt": " ".join(map(str, ids[:start + 1].tolist())),
                 "response": " ".join(map(str, ids[start + 1 :].tolist()))} for n, ids in enumerate(samples)]
-    return profile(model, IdTokenizer(), records, components=COMPONENTS, batch_size=batch_size, progress=False)
+    return profile(model, IdTokenizer(), records, batch_size=batch_size, progress=False, **options)
 
 
 def plain_forward(model, samples, device, batch_size) -> None:
@@ -214,8 +239,8 @@ def run_method(name, models, samples, args):
         return official(reference, samples, start, args.device)
     if name == "engine":
         return engine(package, samples, start, args.device, args.batch_size)
-    if name == "profile":
-        return run_profile(package, samples, start, args.batch_size)
+    if name in PROFILE_OPTIONS:
+        return run_profile(package, samples, start, args.batch_size, **PROFILE_OPTIONS[name])
     return plain_forward(package, samples, args.device, args.batch_size)
 
 
@@ -253,8 +278,9 @@ def decoder_split(decoder: Decoder, d: int, device: str, rows: int) -> tuple[flo
     vocab_chunk = decoder._chunks()[1]
 
     def matmuls():
+        w, rows_ = decoder.mm_weight(), decoder.prepare(x)
         for start in range(0, decoder.vocab_size, vocab_chunk):
-            decoder._logits(*decoder._prepare(x), start, start + vocab_chunk)
+            decoder.add_bias(decoder.matmul(rows_, w, start, start + vocab_chunk), start, start + vocab_chunk)
 
     def best(fn) -> float:
         fn()
@@ -277,22 +303,42 @@ def _rss_kib(field: str) -> int:
     raise RuntimeError(f"{field} not in /proc/self/status")
 
 
+def decode_inputs(args, spec: ModelSpec) -> tuple:
+    """Random held rows as `profile` holds them for the official sites, with targets and reference rows."""
+    g = torch.Generator(device=args.device).manual_seed(2)
+    tokens, d = args.samples * args.response, spec.d_model
+    n_sites = (1 + len(COMPONENTS) * spec.n_layers) * (args.site_factor or 1)
+    dtype = spec.unembed_weight.dtype
+    rows = {i: torch.randn(tokens, d, device=args.device, generator=g).to(dtype) for i in range(n_sites)}
+    targets = torch.randint(0, spec.vocab_size, (tokens,), device=args.device, generator=g)
+    return rows, targets, rows[n_sites - 1]
+
+
 def peak_memory(name, models, samples, args) -> int:
-    """Peak bytes a method adds: CUDA in process; CPU in this (fresh child) process, via VmHWM."""
+    """Peak bytes a method adds: CUDA in process; CPU in this (fresh child) process, via VmHWM.
+
+    `decode-all` is `stats.decode` with every statistic on random held rows; its inputs exist before the
+    peak is reset, so what is measured is the decoding's own memory."""
+    spec = describe(models[1])
+    run = lambda: run_method(name, models, samples, args)  # noqa: E731
+    if name == "decode-all":
+        decoder = Decoder.from_spec(spec)
+        rows, targets, ref = decode_inputs(args, spec)
+        run = lambda: decode(decoder, rows, resolve(["all"]), targets=targets, reference=(decoder, ref))  # noqa: E731
     if args.device.startswith("cuda"):
         sync(args.device)
         base = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
-        run_method(name, models, samples, args)
+        run()
         sync(args.device)
         return torch.cuda.max_memory_allocated() - base
     base = _rss_kib("VmRSS")
     try:
         Path("/proc/self/clear_refs").write_text("5")  # reset the peak-RSS mark (Linux ≥ 4.0)
-        run_method(name, models, samples, args)
+        run()
         return (_rss_kib("VmHWM") - base) * 1024
     except OSError:  # no clear_refs: the lifetime peak, still from a fresh process
-        run_method(name, models, samples, args)
+        run()
         return (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) * 1024
 
 
@@ -310,7 +356,7 @@ def peak_in_child(name: str, *extra: str) -> int:
 
 
 def decoding_memory(args, base: dict[str, int]) -> dict[str, float]:
-    """MiB the decodings add over a plain forward (engine peak − forward peak), at the default size,
+    """MiB the per-site decodings add over a plain forward (engine peak − forward peak), at the default size,
     at twice the response tokens and at twice the layers; each in fresh processes."""
     def extra(*more: str) -> float:
         peaks = base if not more else {m: peak_in_child(m, *more) for m in ("engine", "forward")}
@@ -321,12 +367,26 @@ def decoding_memory(args, base: dict[str, int]) -> dict[str, float]:
             "2x layers": extra("--layers", str(2 * layers))}
 
 
+def stats_memory(args) -> dict[str, float]:
+    """MiB `stats.decode` with all statistics adds above its held rows: default, 2x tokens, 2x sites."""
+    if args.device.startswith("cuda"):
+        return {}  # measured in process on CUDA would need the rows of 2x tokens next to the model; CPU only
+    return {"base": peak_in_child("decode-all") / 2**20,
+            "2x tokens": peak_in_child("decode-all", "--response", str(2 * args.response)) / 2**20,
+            "2x sites": peak_in_child("decode-all", "--site-factor", "2") / 2**20}
+
+
 def compare(ref: dict, other: dict) -> tuple[float, float]:
     """(max |per-token difference|, max |difference of per-site means|) over the sites both report."""
     keys = [k for k in ref if k in other]
     token = max((ref[k].double() - other[k].double()).abs().max().item() for k in keys)
     mean = max(abs(ref[k].double().mean().item() - other[k].double().mean().item()) for k in keys)
     return token, mean
+
+
+def spread(values: list[float]) -> str:
+    """Median (min-max) of per-round values."""
+    return f"{statistics.median(values):.2f} (min {min(values):.2f}, max {max(values):.2f})"
 
 
 def main() -> None:
@@ -339,7 +399,9 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=None, help="package batch size (default: all samples)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--layers", type=int, default=None, help="override the shape's layer count")
-    parser.add_argument("--memory-of", choices=(*METHODS, "forward"), help=argparse.SUPPRESS)
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds of all methods (>= 3)")
+    parser.add_argument("--memory-of", choices=(*METHODS, "forward", "decode-all"), help=argparse.SUPPRESS)
+    parser.add_argument("--site-factor", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     defaults = LENGTHS[args.shape]
     args.samples = args.samples or defaults[0]
@@ -364,15 +426,35 @@ def main() -> None:
     pkg_dtype = models[1].dtype
     print(f"device={args.device} shape={args.shape} d={d} layers={layers} |V|={vocab} samples={args.samples} "
           f"prompt={args.prompt} response={args.response} kept tokens={tokens} package dtype={pkg_dtype} "
-          f"threads={torch.get_num_threads()}")
+          f"threads={torch.get_num_threads()} rounds={args.rounds}")
     warm = [s[: args.prompt + 8] for s in samples[:1]]
     for name in METHODS:  # warm-up: kernels, allocator, lazy init
         run_method(name, models, warm, args)
 
-    results, seconds = {}, {}
+    decoder = Decoder.from_spec(spec)
+    token_chunk, vocab_chunk = decoder._chunks()
+    decodings = (1 + len(COMPONENTS) * layers) * tokens
+    rounds: list[dict[str, float]] = []
+    for r in range(args.rounds):
+        seconds = {"rate": max(matmul_rate(d, vocab, args.device, pkg_dtype, token_chunk),  # the whole unembedding
+                               matmul_rate(d, min(vocab_chunk, vocab), args.device, pkg_dtype, token_chunk))}
+        results = {}
+        for name in METHODS:
+            results[name], seconds[name] = timed(name, models, samples, args)
+        rounds.append(seconds)
+        print(f"round {r + 1}: " + ", ".join(f"{n} {seconds[n]:.2f} s" for n in METHODS)
+              + f"; matmul {seconds['rate'] / 1e9:.1f} GFLOP/s")
+    per_round = {
+        "speedup": [x["official"] / x["profile"] for x in rounds],
+        "engine speedup": [x["official"] / x["engine"] for x in rounds],
+        "roofline profile": [decodings * 2 * d * vocab / x["rate"] / x["profile"] for x in rounds],
+        "roofline engine": [decodings * 2 * d * vocab / x["rate"] / x["engine"] for x in rounds],
+        "stats ratio": [x["profile-all"] / x["profile"] for x in rounds],
+        "linear speedup": [x["six-plain"] / x["six-linear"] for x in rounds],
+    }
     for name in METHODS:
-        results[name], seconds[name] = timed(name, models, samples, args)
-        print(f"{name:>8}: {seconds[name]:8.2f} s  {tokens / seconds[name]:10.1f} tokens/s")
+        print(f"{name:>12}: {tokens / statistics.median(x[name] for x in rounds):10.1f} tokens/s (median round)")
+
     summary = results["profile"].summary.set_index(["layer", "component"])["entropy"]
     profile_means = {key: torch.tensor([value]) for key, value in summary.items()}
     official_means = {key: value.mean()[None] for key, value in results["official"].items() if key != "final"}
@@ -384,41 +466,52 @@ def main() -> None:
     tolerance = 0.02 if cuda else 1e-3
     agree = max(mean_diff, profile_mean_diff) <= tolerance
     print(f"agree (per-site means within {tolerance} nats): {agree}")
+    key = ["record_id", "position", "layer", "component"]
+    six = results["six-linear"].tokens.merge(results["six-plain"].tokens, on=key, suffixes=("", "_plain"))
+    six_diff = (six["entropy"] - six["entropy_plain"]).abs().max()
+    all_diff = (results["profile-all"].tokens["entropy"] - results["profile"].tokens["entropy"]).abs().max()
 
-    decodings = (1 + (len(COMPONENTS)) * layers) * tokens
-    decoder = Decoder.from_spec(spec)
-    token_chunk, vocab_chunk = decoder._chunks()
-    rate = max(matmul_rate(d, vocab, args.device, pkg_dtype, token_chunk),  # the whole unembedding
-               matmul_rate(d, min(vocab_chunk, vocab), args.device, pkg_dtype, token_chunk))  # one decoder block
-    ideal = decodings * 2 * d * vocab / rate
-    roofline = {name: ideal / seconds[name] for name in ("engine", "profile")}
-    print(f"matmul rate ({'bf16→fp32' if pkg_dtype != torch.float32 else 'fp32'}): {rate / 1e9:.1f} GFLOP/s; "
-          f"{decodings} decodings x 2·d·|V| → ideal {ideal:.2f} s; roofline fraction: engine {roofline['engine']:.2f}, "
-          f"profile {roofline['profile']:.2f}")
+    rate = statistics.median(x["rate"] for x in rounds)
+    print(f"matmul rate ({'bf16→fp32' if pkg_dtype != torch.float32 else 'fp32'}, median round): {rate / 1e9:.1f} "
+          f"GFLOP/s; {decodings} decodings x 2·d·|V|, each counted as a full matmul; roofline fraction: engine "
+          f"{spread(per_round['roofline engine'])}, profile {spread(per_round['roofline profile'])}")
+    print(f"all scalar statistics / entropy alone (same tokens, official sites): {spread(per_round['stats ratio'])}; "
+          f"their entropies differ by {all_diff:.1e}")
+    print(f"linear path / plain path, all six components raw: speedup {spread(per_round['linear speedup'])}; "
+          f"max per-token entropy difference {six_diff:.1e} nats (within 1e-4: {six_diff <= 1e-4})")
     _, forward_s = timed("forward", models, samples, args)
     mm_s, entropy_s = decoder_split(decoder, d, args.device, token_chunk)
+    profile_s = statistics.median(x["profile"] for x in rounds)
     print(f"where the rest goes: one token chunk's decoding is {mm_s / entropy_s:.0%} matmuls "
           f"({mm_s * 1e3:.1f} of {entropy_s * 1e3:.1f} ms; the rest is exp and reductions); "
-          f"the plain forward pass is {forward_s / seconds['profile']:.0%} of profile's time")
+          f"the plain forward pass is {forward_s / profile_s:.0%} of profile's time")
 
     peaks = {}
-    for name in (*METHODS, "forward"):
+    for name in ("official", "engine", "profile", "forward"):
         peaks[name] = peak_memory(name, models, samples, args) if cuda else peak_in_child(name)
     mib = {k: v / 2**20 for k, v in peaks.items()}
     block = 2 * token_chunk * min(vocab_chunk, vocab) * 4 / 2**20  # logits + exp buffers, fp32
     print("peak memory above the loaded model (MiB): " + ", ".join(f"{k} {v:.0f}" for k, v in mib.items())
-          + " (profile also holds its per-token table)")
+          + " (profile also holds its per-token table and the kept hidden rows)")
     del models
     if cuda:
         torch.cuda.empty_cache()
     growth = decoding_memory(args, {k: peaks[k] for k in ("engine", "forward")})
-    print("decoding memory over a plain forward (MiB): " + ", ".join(f"{k} {v:.1f}" for k, v in growth.items())
-          + f"; bound: two decoder blocks = {block:.0f} MiB; "
-          + f"bounded: {max(growth.values()) <= block}")
-    speedup = seconds["official"] / seconds["profile"]
-    print(f"engine speedup over official: {seconds['official'] / seconds['engine']:.2f}x")
-    print(f"speedup={speedup:.2f} roofline={roofline['profile']:.2f} "
-          f"peak_mem_ratio={peaks['official'] / max(peaks['profile'], 1):.2f}")
+    print("per-site decoding memory over a plain forward (MiB): " + ", ".join(f"{k} {v:.1f}" for k, v in growth.items())
+          + f"; bound: two decoder blocks = {block:.0f} MiB; bounded: {max(growth.values()) <= block}")
+    held = stats_memory(args)
+    if held:
+        print("stats.decode with all statistics, above its held rows (MiB): "
+              + ", ".join(f"{k} {v:.1f}" for k, v in held.items())
+              + f" (three decoder blocks: {1.5 * block:.0f} MiB, plus the stacked rows); "
+              + "flat (2x tokens, 2x sites within half a decoder block of base): "
+              + f"{max(held.values()) <= held['base'] + block / 4}")
+    print(f"engine speedup over official: {spread(per_round['engine speedup'])}; profile: {spread(per_round['speedup'])}")
+    print(f"speedup={statistics.median(per_round['speedup']):.2f} "
+          f"roofline={statistics.median(per_round['roofline profile']):.2f} "
+          f"peak_mem_ratio={peaks['official'] / max(peaks['profile'], 1):.2f} "
+          f"stats_ratio={statistics.median(per_round['stats ratio']):.2f} "
+          f"linear_speedup={statistics.median(per_round['linear speedup']):.2f}")
 
 
 if __name__ == "__main__":

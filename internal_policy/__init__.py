@@ -12,6 +12,7 @@ from .generate import Sampling, generate
 from .inputs import read_records
 from .models import ModelSpec, UnsupportedModelError, describe, load_model
 from .profile import ProfileResult, load_run, profile
+from .settings import ProfileSettings
 
 
 __all__ = [
@@ -20,6 +21,7 @@ __all__ = [
     "Decoder",
     "ModelSpec",
     "ProfileResult",
+    "ProfileSettings",
     "Sampling",
     "UnsupportedModelError",
     "branch_points",

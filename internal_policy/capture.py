@@ -25,7 +25,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from .models import ModelSpec, describe
+from .models import BlockLayout, ModelSpec, describe
 
 COMPONENTS: tuple[str, ...] = ("layer", "attn_in", "attn", "resid_mid", "ffn_in", "ffn")
 """Component names (see the module docstring); `layer` at layer 0 is the embedding output."""
@@ -47,6 +47,20 @@ TL_HOOK_NAMES: dict[str, str] = {
     "ffn": "blocks.{i}.hook_mlp_out",
 }
 """TransformerLens names of each component for 0-based block i (= paper layer i + 1)."""
+
+
+def alias_of(layout: BlockLayout, layer: int, component: str) -> Site | None:
+    """The earlier site that is the very same tensor as (layer, component), or None.
+
+    Attention without an input norm reads H_{l-1} (OLMo2); an FFN without one reads resid_mid; an FFN
+    sharing the attention's norm (Phi-2, GPT-J, Cohere) reads attn_in."""
+    if component == "attn_in" and layout.attn_in is None:
+        return (layer - 1, "layer")
+    if component == "ffn_in" and layout.ffn_in is None:
+        return (layer, "resid_mid")
+    if component == "ffn_in" and layout.ffn_in == layout.attn_in:
+        return (layer, "attn_in")
+    return None
 
 
 def _first(out):
@@ -75,8 +89,8 @@ def capture(model: nn.Module, on_tensor: OnTensor, spec: ModelSpec | None = None
     def on_attn(index):
         def hook(_module, _args, out):
             layer, a = index + 1, _first(out)
-            if layout.attn_in is None:
-                on_tensor(layer, "attn_in", None, (layer - 1, "layer"))
+            if (alias := alias_of(layout, layer, "attn_in")) is not None:
+                on_tensor(layer, "attn_in", None, alias)
             on_tensor(layer, "attn", a, None)
             on_tensor(layer, "resid_mid", block_input[index] + a, None)
         return hook
@@ -87,10 +101,8 @@ def capture(model: nn.Module, on_tensor: OnTensor, spec: ModelSpec | None = None
     def on_ffn(index):
         def hook(_module, _args, out):
             layer = index + 1
-            if layout.ffn_in is None:
-                on_tensor(layer, "ffn_in", None, (layer, "resid_mid"))
-            elif layout.ffn_in == layout.attn_in:
-                on_tensor(layer, "ffn_in", None, (layer, "attn_in"))
+            if (alias := alias_of(layout, layer, "ffn_in")) is not None:
+                on_tensor(layer, "ffn_in", None, alias)
             on_tensor(layer, "ffn", _first(out), None)
         return hook
 

@@ -57,11 +57,13 @@ def atomic_write(path: Path, write: Callable[[Path], object]) -> None:
     os.replace(tmp, path)
 
 
-def check_resume(where: Path, saved: dict, settings: dict, keys, resume: bool) -> None:
-    """Refuse to overwrite a started run without `resume`, and to resume it with other `keys` settings."""
+def check_resume(where: Path, saved: dict, settings: dict, keys, resume: bool,
+                 describe: Callable[[str, object, object], str] = lambda key, saved, now: key) -> None:
+    """Refuse to overwrite a started run without `resume`, and to resume it with other `keys` settings
+    (`describe(key, saved, now)` names each difference in the one-line error)."""
     if not resume:
         raise InputError(f"{where} already holds a run; pass --resume to continue it or choose another --out")
-    changed = [k for k in keys if saved.get(k) != settings.get(k)]
+    changed = [describe(k, saved.get(k), settings.get(k)) for k in keys if saved.get(k) != settings.get(k)]
     if changed:
-        raise InputError(f"cannot resume {where}: settings differ from the interrupted run in {changed}; "
-                         "use the same settings or another --out")
+        raise InputError(f"cannot resume {where}: settings differ from the run there in {'; '.join(changed)}; "
+                         "use the same ones or another --out")

@@ -1,29 +1,31 @@
-"""Internal-policy entropy: H(softmax(x·W_Uᵀ + b)) for any stack of hidden vectors, in nats.
+"""The unembedding readout (`Decoder`) and internal-policy entropy H(softmax(x·W_Uᵀ + b)), in nats.
 
-The decoding is chunked over tokens and over the vocabulary with an online log-sum-exp, so the
-largest temporary is one [token_chunk × vocab_chunk] fp32 block whatever the number of tokens,
-layers or the vocabulary size. Accumulation is fp32 whatever the model dtype: on CUDA the
-bf16/fp16 matmul writes fp32 logits directly (`out_dtype`), on CPU the operands are upcast.
+`Decoder` turns hidden rows into fp32 logits chunk by chunk: raw h·W_Uᵀ + b (the paper's internal
+policy), or with the final norm, logit scale and soft-cap (the logit lens; `Decoder.output_of` is
+the model's own readout, z_out). Accumulation is fp32 whatever the model dtype: on CUDA the
+bf16/fp16 matmul writes fp32 logits directly (`out_dtype`), on CPU the operands are upcast. Its
+`entropy` and `statistics` run the one-pass online reduction of `internal_policy.stats`, so the
+largest temporaries are a few [token_chunk × vocab_chunk] fp32 blocks whatever the number of
+tokens, layers or the vocabulary size.
 
-For a vocabulary chunk with logits z, running maximum m, s = Σ e^{z-m} and u = Σ e^{z-m}(z-m):
-moving the reference to m' = max(m, max z) rescales s ← r·s, u ← r·(u + δ·s) with δ = m - m',
-r = e^δ; at the end H = log s - u/s (since log p = z - m - log s).
-
-Why hand-written rather than a fused linear-cross-entropy kernel (Liger, Cut Cross-Entropy, TRL's
-chunked LM head): those return the loss / log-prob of one target token and, at most, the entropy
-of the *final normed* policy inside their training path; none takes an arbitrary stack of raw
-residual vectors with an optional norm, soft-capping and bias and returns per-row entropy on CPU
-as well as GPU. The whole algorithm is the dozen lines of `_entropy_rows`.
+Why not TRL's `trl.kernels.ChunkedLogProbFunction`, which also returns per-row entropy of any
+hidden/weight/bias on CPU and GPU: its logits tiles are in the inputs' dtype, so on bf16 inputs
+its entropies are off by up to 7e-2 nats against a float64 reference (this module: 3e-6; faster
+on CPU only because the matmul is bf16), and on fp32 copies it is exact but 1.1x slower; it also
+lacks the other statistics, stacked sites and linear sums (bench/trl_entropy.py; figures in
+bench/RESULTS.md).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
 from .models import ModelSpec
+from .stats import ENTROPY, Statistic, decode
 
 
 def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
@@ -83,88 +85,75 @@ class Decoder:
             **chunks,
         )
 
+    @classmethod
+    def output_of(cls, spec: ModelSpec, **chunks) -> Decoder:
+        """The model's own readout (final norm if it has one, logit scale, soft-cap, bias): `model(...).logits`."""
+        return cls(weight=spec.unembed_weight, bias=spec.unembed_bias, norm=spec.final_norm,
+                   softcap=spec.logit_softcap, scale=spec.logit_scale, **chunks)
+
     @property
     def vocab_size(self) -> int:
         return self.weight.shape[0]
 
     def _chunks(self) -> tuple[int, int]:
+        """(rows per stacked block, vocabulary entries per chunk)."""
         cuda = self.weight.device.type == "cuda"
         return self.token_chunk or (4096 if cuda else 1024), self.vocab_chunk or (32768 if cuda else 1024)
 
-    def _prepare(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Hidden rows and weight in the dtype the matmul runs in (fp32 except CUDA half types)."""
+    def mm_weight(self) -> torch.Tensor:
+        """The unembedding in the dtype the matmul runs in (fp32, except CUDA half types with fp32 output)."""
         w = self.weight.detach()
+        if self._fp32_out is None:
+            self._fp32_out = _fp32_out_mm_supported(w.device, w.dtype)
+        if self._fp32_out or w.dtype == torch.float32:
+            return w
+        if self._weight_fp32 is None:
+            self._weight_fp32 = w.float()
+        return self._weight_fp32
+
+    def prepare(self, x: torch.Tensor) -> torch.Tensor:
+        """Hidden rows [n, d] on the unembedding's device, normed if the decoder has a norm, in the matmul dtype."""
+        w = self.mm_weight()
         x = x.to(w.device)
         if self.norm is not None:
             x = self.norm(x.to(next(self.norm.parameters(), w).dtype))
-        if self._fp32_out is None:
-            self._fp32_out = _fp32_out_mm_supported(w.device, w.dtype)
-        if self._fp32_out:
-            return x.to(w.dtype), w
-        if w.dtype != torch.float32:
-            if self._weight_fp32 is None:
-                self._weight_fp32 = w.float()
-            w = self._weight_fp32
-        return x.float(), w
+        return x.to(w.dtype)
 
-    def _logits(self, x: torch.Tensor, w: torch.Tensor, start: int, stop: int,
-                out: torch.Tensor | None = None) -> torch.Tensor:
-        """fp32 logits of vocabulary rows [start, stop), written into `out` when given (CPU fp32 path)."""
+    def matmul(self, x: torch.Tensor, w: torch.Tensor, start: int, stop: int,
+               out: torch.Tensor | None = None) -> torch.Tensor:
+        """fp32 x @ w[start:stop]ᵀ (no bias), written into `out` when given."""
         wc = w[start:stop]
         if self._fp32_out:
             z = torch.mm(x, wc.T, out_dtype=torch.float32)
-        elif out is not None:
-            z = torch.mm(x, wc.T, out=out[: x.shape[0] * wc.shape[0]].view(x.shape[0], wc.shape[0]))
-        else:
-            z = torch.mm(x, wc.T)
+            return out.copy_(z) if out is not None else z
+        return torch.mm(x, wc.T, out=out) if out is not None else torch.mm(x, wc.T)
+
+    def add_bias(self, z: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+        """z += b[start:stop] (in place; no-op without a bias)."""
         if self.bias is not None:
             z += self.bias.detach()[start:stop].float()
+        return z
+
+    def post(self, z: torch.Tensor) -> torch.Tensor:
+        """The readout's scale, then soft-cap c·tanh(z/c), in place (no-op for raw decoding)."""
         if self.scale != 1.0:
-            z *= self.scale
+            z.mul_(self.scale)
         if self.softcap:
-            z = torch.tanh(z / self.softcap) * self.softcap
+            z.div_(self.softcap).tanh_().mul_(self.softcap)
         return z
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
-        """Full fp32 logits [..., V] (for small inputs and tests; `entropy` never builds these)."""
-        rows, w = self._prepare(x.reshape(-1, x.shape[-1]))
-        return self._logits(rows, w, 0, self.vocab_size).reshape(*x.shape[:-1], -1)
+        """Full fp32 logits [..., V] (for small inputs and tests; the statistics never build these)."""
+        rows = self.prepare(x.reshape(-1, x.shape[-1]))
+        z = self.matmul(rows, self.mm_weight(), 0, self.vocab_size)
+        return self.post(self.add_bias(z, 0, self.vocab_size)).reshape(*x.shape[:-1], -1)
 
-    @torch.no_grad()
+    def statistics(self, x: torch.Tensor, stats: Sequence[Statistic], targets: torch.Tensor | None = None,
+                   reference: tuple[Decoder, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+        """Statistics of the decoded policy of each row of `x` [n, d] in one pass ({column: values}, see stats.py)."""
+        return decode(self, {0: x}, stats, targets=targets, reference=reference)[0]
+
     def entropy(self, x: torch.Tensor) -> torch.Tensor:
         """Entropy in nats (fp32) of the decoded policy of each row of `x` [..., d] → [...]."""
-        shape = x.shape[:-1]
         flat = x.reshape(-1, x.shape[-1])
-        token_chunk, _ = self._chunks()
-        out = torch.empty(flat.shape[0], dtype=torch.float32, device=self.weight.device)
-        for start in range(0, flat.shape[0], token_chunk):
-            rows, w = self._prepare(flat[start : start + token_chunk])
-            out[start : start + rows.shape[0]] = self._entropy_rows(rows, w)
-        return out.reshape(shape)
-
-    def _entropy_rows(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        """Online log-sum-exp over vocabulary chunks (see module docstring for the update)."""
-        _, vocab_chunk = self._chunks()
-        # reusable blocks, so the CPU path allocates no multi-MB tensor per vocabulary chunk;
-        # the CUDA fp32-output matmul allocates its own logits (the caching allocator makes that cheap)
-        block = x.shape[0] * min(vocab_chunk, self.vocab_size)
-        e_buf = torch.empty(block, device=x.device)
-        z_buf = None if self._fp32_out else torch.empty(block, device=x.device)
-        m = s = u = None
-        for start in range(0, self.vocab_size, vocab_chunk):
-            z = self._logits(x, w, start, start + vocab_chunk, out=z_buf)
-            chunk_max = z.amax(dim=1)
-            if m is None:
-                m, s, u = chunk_max, torch.zeros_like(chunk_max), torch.zeros_like(chunk_max)
-            else:
-                new_m = torch.maximum(m, chunk_max)
-                delta = m - new_m
-                r = delta.exp()
-                u = r * (u + delta * s)
-                s = r * s
-                m = new_m
-            z.sub_(m[:, None])
-            e = torch.exp(z, out=e_buf[: z.numel()].view_as(z))
-            s += e.sum(dim=1)
-            u += torch.linalg.vecdot(e, z, dim=1)
-        return s.log() - u / s
+        return self.statistics(flat, [ENTROPY])["entropy"].reshape(x.shape[:-1])

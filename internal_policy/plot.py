@@ -1,5 +1,7 @@
 """Paper-style figures from a profile run's tables: Fig. 2 (entropy flow), Fig. 3 (ΔH per module,
-with the EIC stages), Fig. 12 (residual cosines), a token × layer heatmap and a model comparison.
+with the EIC stages), Fig. 12 (residual cosines), a token × layer heatmap, the classic logit-lens
+grid (top-1 decoded token per layer and position) and a model comparison. The flow, heatmap,
+lens and comparison figures show any statistic of the run (`stat`, default entropy).
 
 A figure never recomputes entropies: it reads the summary / tokens tables of a run folder
 (``summary.csv``, ``tokens.parquet``, ``run.json``, ``stages.json``). Figures are built with
@@ -10,7 +12,6 @@ Layers are numbered as in the paper: 1..L, 0 = the embedding output.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
@@ -28,8 +29,9 @@ from matplotlib.ticker import MaxNLocator
 from .errors import InputError
 from .runs import TOKENS, load_run
 from .stages import Stages, run_stages
+from .stats import by_name
 
-KINDS = ("flow", "delta", "cosine", "heatmap", "compare")
+KINDS = ("flow", "delta", "cosine", "heatmap", "lens", "compare")
 LAYER_AXIS = "layer (1..L; 0 = embedding)"
 DEPTH_AXIS = "normalised depth (layer / L)"
 FONT = "DejaVu Sans"
@@ -43,7 +45,18 @@ QUANTITY = {
     ("attn", "cos_resid"): "cos(A_l, H_{l-1})",
     ("ffn", "cos_resid"): "cos(F_l, H_{l-1} + A_l)",
 }
-"""Axis label of each plotted (component, summary column)."""
+"""Axis label of each plotted (component, summary column); other statistics use their own label."""
+WHAT = {"layer": "H_l", "attn": "A_l", "ffn": "F_l", "attn_in": "attn_in", "ffn_in": "ffn_in", "resid_mid": "resid_mid"}
+
+
+def quantity(component: str, column: str) -> str:
+    """Axis label of a plotted (component, column)."""
+    return QUANTITY.get((component, column)) or f"{by_name(column).label} of {WHAT[component]}"
+
+
+def decoding(final_norm: bool | None) -> str:
+    """How a run decoded, for figure titles."""
+    return "final norm: logit lens" if final_norm else "raw decoding"
 
 
 @dataclass(frozen=True)
@@ -55,6 +68,7 @@ class Run:
     vocab_size: int | None = None
     stages: Stages | None = None
     tokens_path: Path | None = None
+    final_norm: bool = False
 
     @property
     def n_layers(self) -> int:
@@ -72,6 +86,7 @@ class Run:
             vocab_size=result.meta.get("vocab_size"),
             stages=run_stages(run_dir) if has_ffn else None,
             tokens_path=Path(run_dir) / TOKENS,
+            final_norm=bool(result.meta.get("final_norm", False)),
         )
 
     def tokens(self) -> pd.DataFrame:
@@ -135,19 +150,21 @@ def _legend(fig: Figure, axes, extra: Sequence = ()) -> None:
                    ncols=min(len(handles), 3))
 
 
-def flow_figure(runs: Run | pd.DataFrame | Sequence[Run | pd.DataFrame]) -> Figure:
+def flow_figure(runs: Run | pd.DataFrame | Sequence[Run | pd.DataFrame], stat: str = "entropy") -> Figure:
     """Fig. 2: H(H_{l-1}), H(A_l), H(F_l), H(H_l) for every layer, one connected line per model.
 
     Each line has 3L + 1 points: H_0 at x = 0, then A_l, F_l, H_l at x = l - 2/3, l - 1/3, l
-    (H_{l-1} of layer l is the H_l point of layer l - 1). ln|V| is drawn where the vocabulary is known.
+    (H_{l-1} of layer l is the H_l point of layer l - 1). ln|V| is drawn where the vocabulary is known
+    and the statistic is an entropy. `stat` plots another statistic of the run the same way.
     """
     runs = _as_runs(runs)
+    entropy_like = by_name(stat).log_vocab_bound
     markers = {"layer": ("o", "layer output H_l"), "attn": ("^", "attention A_l"), "ffn": ("s", "FFN F_l")}
     with _style():
         fig = Figure(figsize=(8.5, 4.2), layout="constrained")
         ax = fig.add_subplot()
         for run, colour in zip(runs, _colours(len(runs))):
-            h, a, f = (series(run.summary, c, "entropy") for c in ("layer", "attn", "ffn"))
+            h, a, f = (series(run.summary, c, stat) for c in ("layer", "attn", "ffn"))
             layers = np.arange(1, run.n_layers + 1)
             x = np.r_[0.0, np.column_stack([layers - 2 / 3, layers - 1 / 3, layers]).ravel()]
             y = np.r_[h[0], np.column_stack([a[layers], f[layers], h[layers]]).ravel()]
@@ -155,10 +172,14 @@ def flow_figure(runs: Run | pd.DataFrame | Sequence[Run | pd.DataFrame]) -> Figu
             for k, comp in enumerate(("layer", "attn", "ffn")):
                 pts = slice(0, None, 3) if comp == "layer" else slice(k, None, 3)
                 ax.scatter(x[pts], y[pts], marker=markers[comp][0], s=22, color=colour, zorder=3)
-        for v, colour in zip(sorted({r.vocab_size for r in runs if r.vocab_size}), ("0.35", "0.6", "0.8")):
+        vocabs = sorted({r.vocab_size for r in runs if r.vocab_size}) if entropy_like else []
+        for v, colour in zip(vocabs, ("0.35", "0.6", "0.8")):
             ax.axhline(np.log(v), ls=":", color=colour, lw=1.2, label=f"ln|V| = {np.log(v):.2f} (|V| = {v:,})")
-        ax.set(xlabel=LAYER_AXIS, ylabel="entropy (nats)", title="Entropy flow through the layers (raw decoding)")
-        ax.set_ylim(bottom=0)
+        modes = sorted({decoding(r.final_norm) for r in runs})
+        title = f"{stat.capitalize() if stat == 'entropy' else stat} flow through the layers ({' / '.join(modes)})"
+        ax.set(xlabel=LAYER_AXIS, ylabel=by_name(stat).label, title=title)
+        if entropy_like:
+            ax.set_ylim(bottom=0)
         _layer_ticks(ax)
         keys = [Line2D([], [], ls="", marker=m, color="0.3", label=lab) for m, lab in markers.values()]
         _legend(fig, [ax], keys)
@@ -208,7 +229,7 @@ def _panels(runs: list[Run], quantities: Sequence[tuple[str, str]], title: str, 
                 ax.fill_between(mean.index, mean - half, mean + half, color=colour, alpha=0.22, lw=0,
                                 gid=f"band:{comp}:{run.label}")
                 _mark_boundary(ax, run.stages, run.label, colour)
-            ax.set_ylabel(QUANTITY[(comp, column)])
+            ax.set_ylabel(quantity(comp, column))
             _layer_ticks(ax)
         axes[-1].set_xlabel(LAYER_AXIS)
         what = "95 % CI of the mean over tokens" if band_kind == "ci" else "± 1 std over tokens"
@@ -230,23 +251,28 @@ def cosine_figure(runs: Run | pd.DataFrame | Sequence[Run | pd.DataFrame], band_
 
 def compare_figure(
     runs: Run | pd.DataFrame | Sequence[Run | pd.DataFrame],
-    quantities: Sequence[tuple[str, str]] = (("layer", "entropy"), ("ffn", "delta")),
+    quantities: Sequence[tuple[str, str]] | None = None,
+    stat: str = "entropy",
 ) -> Figure:
-    """Several runs on shared axes: each quantity against absolute layer (left) and layer / L (right)."""
+    """Several runs on shared axes: each quantity against absolute layer (left) and layer / L (right).
+
+    Default quantities: the layer entropy and ΔH_FFN; with another `stat`, that statistic of H_l."""
     runs = _as_runs(runs)
+    if quantities is None:
+        quantities = (("layer", "entropy"), ("ffn", "delta")) if stat == "entropy" else (("layer", stat),)
     with _style():
         fig = Figure(figsize=(10, 2.6 * len(quantities) + 0.6), layout="constrained")
         grid = fig.subplots(len(quantities), 2, sharex="col", squeeze=False)
         for row, (comp, column) in zip(grid, quantities):
             for ax, normalise in zip(row, (False, True)):
-                if column != "entropy":
+                if column in ("delta", "cos_resid"):
                     ax.axhline(0, ls="--", color="0.25", lw=0.9, gid="zero")
                 for run, colour in zip(runs, _colours(len(runs))):
                     s = series(run.summary, comp, column)
                     x = s.index / run.n_layers if normalise else s.index
                     ax.plot(x, s.to_numpy(), marker="o", ms=3, color=colour, label=run.label,
                             gid=f"{'depth' if normalise else 'layer'}:{comp}:{column}:{run.label}")
-                ax.set_ylabel(QUANTITY[(comp, column)])
+                ax.set_ylabel(quantity(comp, column))
                 if not normalise:
                     _layer_ticks(ax)
         grid[-1, 0].set_xlabel(LAYER_AXIS)
@@ -305,6 +331,50 @@ def token_label(text: str) -> str:
     return "".join(shown.get(c, c if ord(c) in _glyphs() else f"<{ord(c):x}>") for c in text)
 
 
+def _record_grid(tokens: pd.DataFrame, record_id: str | None, component: str, stat: str, max_positions: int,
+                 label: str | None) -> tuple[pd.DataFrame, pd.DataFrame, pd.Series, str]:
+    """(rows of one record and component, layer × position grid of `stat`, input token per position,
+    the title's "(model, record, component, cut)" part)."""
+    if record_id is None:
+        record_id = str(tokens["record_id"].iloc[0])
+    if stat not in tokens.columns:
+        raise InputError(f"tokens.parquet has no '{stat}' column; profile with --stats {stat}")
+    rows = tokens.loc[(tokens["record_id"] == record_id) & (tokens["component"] == component)]
+    if rows.empty:
+        known = ", ".join(map(str, tokens["record_id"].unique()[:8]))
+        raise InputError(f"no '{component}' rows for record '{record_id}' in tokens.parquet (records: {known} ...)")
+    grid = rows.pivot(index="layer", columns="position", values=stat).sort_index(ascending=False)
+    words = rows.drop_duplicates("position").set_index("position")["token"].astype(str)
+    cut = f", first {max_positions} of {grid.shape[1]} positions" if grid.shape[1] > max_positions else ""
+    who = f"{label}, " if label else ""
+    return rows, grid.iloc[:, :max_positions], words, f"({who}record '{record_id}', component '{component}'{cut})"
+
+
+def _colour_range(stat: str, vocab_size: int | None) -> tuple[float | None, float | None]:
+    """Fixed colour limits where the statistic has them: 0..ln|V| for entropies, its own range otherwise."""
+    statistic = by_name(stat)
+    if statistic.log_vocab_bound:
+        return 0, np.log(vocab_size) if vocab_size else None
+    return statistic.value_range or (None, None)
+
+
+def _grid_figure(grid: pd.DataFrame, words: pd.Series, stat: str, vocab_size: int | None, title: str,
+                 cell: str, annot: pd.DataFrame | None = None, cell_width: float = 0.17) -> Figure:
+    """A layer × position heatmap of one record, input tokens as tick labels, optional text in the cells."""
+    vmin, vmax = _colour_range(stat, vocab_size)
+    with _style():
+        fig = Figure(figsize=(min(2.5 + cell_width * grid.shape[1], 30), 1.9 + 0.24 * len(grid)), layout="constrained")
+        ax = fig.add_subplot()
+        sns.heatmap(grid, ax=ax, cmap="viridis", vmin=vmin, vmax=vmax, linewidths=0,
+                    cbar_kws={"label": by_name(stat).label, "pad": 0.01},
+                    annot=annot if annot is not None else False, fmt="", annot_kws={"fontsize": 6})
+        ax.set_xticks(np.arange(grid.shape[1]) + 0.5, [token_label(words[p]) for p in grid.columns], rotation=90,
+                      fontsize=7)
+        ax.set_yticks(np.arange(len(grid)) + 0.5, [str(layer) for layer in grid.index], rotation=0)
+        ax.set(xlabel=f"token at position (cell: {cell})", ylabel=LAYER_AXIS, title=title)
+    return fig
+
+
 def heatmap_figure(
     tokens: pd.DataFrame,
     record_id: str | None = None,
@@ -312,34 +382,35 @@ def heatmap_figure(
     max_positions: int = 80,
     vocab_size: int | None = None,
     label: str | None = None,
+    stat: str = "entropy",
 ) -> Figure:
-    """Entropy per (layer, position) of one record, tokens as tick labels (first `max_positions` positions).
+    """`stat` (default entropy) per (layer, position) of one record, tokens as tick labels (first `max_positions`).
 
-    Column = the token at that position; the cell is the entropy of the policy predicting the next token.
+    Column = the token at that position; the cell is the statistic of the policy predicting the next token.
     """
-    if record_id is None:
-        record_id = str(tokens["record_id"].iloc[0])
-    rows = tokens.loc[(tokens["record_id"] == record_id) & (tokens["component"] == component)]
-    if rows.empty:
-        known = ", ".join(map(str, tokens["record_id"].unique()[:8]))
-        raise InputError(f"no '{component}' rows for record '{record_id}' in tokens.parquet (records: {known} ...)")
-    grid = rows.pivot(index="layer", columns="position", values="entropy").sort_index(ascending=False)
-    n_all = grid.shape[1]
-    grid = grid.iloc[:, :max_positions]
-    words = rows.drop_duplicates("position").set_index("position")["token"].astype(str)
-    with _style():
-        fig = Figure(figsize=(min(2.5 + 0.17 * grid.shape[1], 22), 1.9 + 0.24 * len(grid)), layout="constrained")
-        ax = fig.add_subplot()
-        sns.heatmap(grid, ax=ax, cmap="viridis", vmin=0, vmax=np.log(vocab_size) if vocab_size else None,
-                    cbar_kws={"label": "entropy (nats)", "pad": 0.01}, linewidths=0)
-        ax.set_xticks(np.arange(grid.shape[1]) + 0.5, [token_label(words[p]) for p in grid.columns], rotation=90,
-                      fontsize=7)
-        ax.set_yticks(np.arange(len(grid)) + 0.5, [str(layer) for layer in grid.index], rotation=0)
-        cut = f", first {grid.shape[1]} of {n_all} positions" if n_all > grid.shape[1] else ""
-        who = f"{label}, " if label else ""
-        ax.set(xlabel="token at position (cell: entropy of the next-token prediction)", ylabel=LAYER_AXIS,
-               title=f"Entropy per token and layer ({who}record '{record_id}', component '{component}'{cut})")
-    return fig
+    _, grid, words, where = _record_grid(tokens, record_id, component, stat, max_positions, label)
+    title = f"{'Entropy' if stat == 'entropy' else stat} per token and layer {where}"
+    return _grid_figure(grid, words, stat, vocab_size, title, f"{stat} of the next-token prediction")
+
+
+def lens_figure(
+    tokens: pd.DataFrame,
+    record_id: str | None = None,
+    component: str = "layer",
+    max_positions: int = 40,
+    vocab_size: int | None = None,
+    label: str | None = None,
+    stat: str = "entropy",
+) -> Figure:
+    """The classic logit-lens grid of one record: layers down, positions across, each cell the top-1 decoded
+    token of that site (needs a run profiled with `--topk K`, K ≥ 1), coloured by `stat`."""
+    if "topk_tokens" not in tokens.columns:
+        raise InputError("this run stored no top-k tokens; profile with --topk 1 (or more) to draw the lens figure")
+    rows, grid, words, where = _record_grid(tokens, record_id, component, stat, max_positions, label)
+    top1 = rows.assign(top1=[token_label(str(t[0])) for t in rows["topk_tokens"]])
+    annot = top1.pivot(index="layer", columns="position", values="top1").loc[grid.index, grid.columns]
+    return _grid_figure(grid, words, stat, vocab_size, f"Logit lens: top-1 decoded token per layer {where}",
+                        f"top-1 next token, colour: {stat}", annot, cell_width=0.55)
 
 
 def save_figure(
@@ -360,8 +431,14 @@ _NEEDS = {"flow": {"layer", "attn", "ffn"}, "delta": {"attn", "ffn"}, "cosine": 
 
 def _drawable(kind: str, runs: list[Run]) -> bool:
     """Whether every run has what figure `kind` reads (used to skip figures under kind "all")."""
-    if kind == "heatmap":
-        return all(r.tokens_path is not None and r.tokens_path.is_file() for r in runs)
+    if kind in ("heatmap", "lens"):
+        import pyarrow.parquet as pq
+
+        def has_tokens(r: Run) -> bool:
+            return (r.tokens_path is not None and r.tokens_path.is_file() and "layer" in set(r.summary["component"])
+                    and (kind == "heatmap" or "topk_tokens" in pq.read_schema(r.tokens_path).names))
+
+        return all(has_tokens(r) for r in runs)
     return all(_NEEDS[kind] <= set(r.summary["component"]) for r in runs)
 
 
@@ -376,12 +453,14 @@ def plot_runs(
     out_dir: str | Path | None = None,
     kinds: Sequence[str] = ("all",),
     record_id: str | None = None,
+    stat: str = "entropy",
 ) -> list[Path]:
     """Draw figures for one or more run folders into OUT_DIR (default RUN_DIR/figures for one run).
 
-    "all" = flow, delta, cosine, heatmap (one per run), plus compare when there are several runs; figures
-    a run's tables cannot support (e.g. no tokens.parquet) are skipped under "all". The run folders are
-    only read (stages.json is used, never written). Returns the PNG and PDF paths.
+    "all" = flow, delta, cosine, heatmap and lens (one per run), plus compare when there are several
+    runs; figures a run's tables cannot support (no tokens.parquet, no `layer` rows, no top-k tokens)
+    are skipped under "all". `stat` is the statistic of the flow, heatmap, lens and compare figures.
+    The run folders are only read (stages.json is used, never written). Returns the PNG and PDF paths.
     """
     dirs = [Path(d) for d in run_dirs]
     if not dirs:
@@ -395,15 +474,17 @@ def plot_runs(
     runs = _unique_labels([Run.from_dir(d) for d in dirs], dirs)
     auto = {k for k in KINDS if (k != "compare" or len(runs) > 1) and _drawable(k, runs)} if "all" in kinds else set()
     wanted = [k for k in KINDS if k in kinds or k in auto]
-    draw = {"flow": flow_figure, "delta": delta_figure, "cosine": cosine_figure, "compare": compare_figure}
+    by_stat = {"flow": flow_figure, "compare": compare_figure, "heatmap": heatmap_figure, "lens": lens_figure}
+    draw = {"delta": delta_figure, "cosine": cosine_figure}
     paths: list[Path] = []
     for kind in wanted:
-        if kind != "heatmap":
-            paths += save_figure(draw[kind](runs), out, kind)
+        if kind in draw or kind in ("flow", "compare"):
+            fig = draw[kind](runs) if kind in draw else by_stat[kind](runs, stat=stat)
+            paths += save_figure(fig, out, kind)
             continue
         for i, run in enumerate(runs):
-            fig = heatmap_figure(run.tokens(), record_id, vocab_size=run.vocab_size, label=run.label)
-            paths += save_figure(fig, out, "heatmap" if len(runs) == 1 else f"heatmap-{i + 1}")
+            fig = by_stat[kind](run.tokens(), record_id, vocab_size=run.vocab_size, label=run.label, stat=stat)
+            paths += save_figure(fig, out, kind if len(runs) == 1 else f"{kind}-{i + 1}")
     return paths
 
 
@@ -414,5 +495,5 @@ def plot_run(run_dir: str | Path, out_dir: str | Path | None = None, kinds: Sequ
 
 __all__ = [
     "KINDS", "Run", "band", "compare_figure", "cosine_figure", "delta_figure", "flow_figure",
-    "heatmap_figure", "plot_run", "plot_runs", "save_figure", "series", "stages_figure", "token_label",
+    "heatmap_figure", "lens_figure", "plot_run", "plot_runs", "save_figure", "series", "stages_figure", "token_label",
 ]

@@ -1,16 +1,28 @@
-"""Profiling runs: internal-policy entropies, ΔH and residual cosines over a set of records.
+"""Profiling runs: statistics of every internal policy (entropy, ΔH, residual cosines, ...) over records.
 
-One forward per batch streams the residual decomposition (`capture`) into `_BatchConsumer`, which
-gathers the kept positions, decodes each unique tensor once (`Decoder.entropy`) and drops it, so
-memory does not grow with the number of layers. Per-site counts, sums and sums of squares
-(float64) make every summary exactly mergeable: across batches, resumed attempts and ranks.
+Each batch runs one forward (or several, see below) that streams the residual decomposition
+(`capture`) into a `sites.RowHolder`, which keeps the rows of the kept positions of every site the
+`sites.SitePlan` decodes directly; after the forward `stats.decode` computes every requested
+statistic of every site in one pass over the vocabulary, stacking all sites of a token chunk into
+one matmul per vocabulary chunk (and summing logit blocks where raw decoding is linear). Per-site
+counts, sums and sums of squares (float64) make every summary exactly mergeable: across batches,
+resumed attempts and ranks.
+
+Memory: the logits stay within two [rows × vocab_chunk] fp32 blocks whatever the number of
+layers or tokens; the held hidden rows cost kept_tokens × (direct sites + 1) × d_model of the
+model's dtype per forward. A batch whose kept rows exceed `hidden_budget_mb` runs as several
+forwards (a long record as several prefixes ending at its kept positions, which a causal model
+computes identically), so `--batch-size` bounds the records per shard and the budget the rows per
+forward; `--token-sample` shrinks the rows, not the forward.
 
 A run folder holds:
-- `summary.csv`: one row per (layer, component): means, stds, standard errors and the raw sums;
+- `summary.csv`: one row per (layer, component): for each column (entropy, delta, cos_resid and each
+  statistic) its mean, `_std`, `_se` and the count / sum / sum of squares that merge exactly;
 - `tokens.parquet`: one row per (kept token, layer, component) unless `keep_tokens=False`;
-- `run.json`: model, settings, counts, package version, status;
+- `run.json`: model, settings (`ProfileSettings`), fingerprints, counts, package version, status;
 - `shards/`: what each finished batch wrote (sums, tokens, and a `.done` marker written last).
-  An interrupted run resumes from the shards whose marker exists; nothing finished is recomputed.
+  An interrupted run resumes from the shards whose marker exists; nothing finished is recomputed,
+  and a run whose settings, records, weights or dtype differ is refused (`settings.resume_key`).
 
 Multi-process: under `torch.distributed` (torchrun / accelerate launch) each rank takes every
 world_size-th pending record, writes its own shards, and rank 0 merges them.
@@ -22,6 +34,7 @@ import hashlib
 import json
 import time
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -30,59 +43,15 @@ import torch
 from tqdm.auto import tqdm
 
 from . import __version__
-from .capture import COMPONENTS, Site, capture
+from .capture import Site, capture
 from .data import Example, batched, pad_batch, tokenize_records
 from .dist import atomic_write, barrier, check_resume, rank_world
-from .entropy import Decoder, row_cosine
-from .errors import InputError
+from .entropy import Decoder
 from .models import ModelSpec, context_length, describe, pad_token_id
 from .runs import ProfileResult, claim_run_dir, finished_ids, load_run, read_json, read_shard, remove_unfinished
-
-ORDER = ("attn_in", "attn", "resid_mid", "ffn_in", "ffn", "layer")
-"""Forward order of the components inside one layer (used to sort tables)."""
-DELTA_OF = {"layer": "layer", "attn": "attn_in", "ffn": "ffn_in"}
-"""ΔH pairs: component → the input it is compared with (for `layer`, the previous layer's H)."""
-COSINE_OF = {"attn": "layer", "ffn": "resid_mid"}
-"""Residual cosines: cos(A_l, H_{l-1}) and cos(F_l, resid_mid)."""
-STATS = ("entropy", "delta", "cos")
-SETTINGS = ("model", "final_norm", "components", "token_sample", "seed", "truncate", "chat")
-"""run.json keys that must match for `resume` to continue a run."""
-
-
-def check_components(components: Sequence[str] | None) -> tuple[str, ...]:
-    """Validate a component subset (None = all six)."""
-    if components is None:
-        return COMPONENTS
-    unknown = [c for c in components if c not in COMPONENTS]
-    if unknown or not components:
-        raise InputError(f"unknown component(s) {unknown or '(none given)'}; choose from {', '.join(COMPONENTS)}")
-    return tuple(c for c in COMPONENTS if c in components)
-
-
-class _BatchConsumer:
-    """Capture callback for one batch: entropies of the needed sites and the residual cosines."""
-
-    def __init__(self, decoder: Decoder, index: torch.Tensor, decode: set[str]):
-        self.decoder, self.index, self.decode = decoder, index, decode
-        self.entropy: dict[Site, torch.Tensor] = {}
-        self.cos: dict[Site, torch.Tensor] = {}
-        self.last_rows: dict[str, torch.Tensor] = {}
-
-    def __call__(self, layer: int, component: str, x: torch.Tensor | None, alias: Site | None) -> None:
-        if alias is not None:
-            rows = self.last_rows[alias[1]]
-            if component in self.decode:  # reuse the alias's entropy; decode only if it was not needed
-                known = self.entropy.get(alias)
-                self.entropy[(layer, component)] = known if known is not None else self.decoder.entropy(rows).cpu()
-            self.last_rows[component] = rows
-            return
-        rows = x.detach().reshape(-1, x.shape[-1]).index_select(0, self.index.to(x.device))
-        rows = rows.to(self.decoder.weight.device)  # with device_map, blocks sit on several GPUs
-        if component in COSINE_OF:
-            self.cos[(layer, component)] = row_cosine(rows, self.last_rows[COSINE_OF[component]]).cpu()
-        if component in self.decode:
-            self.entropy[(layer, component)] = self.decoder.entropy(rows).cpu()
-        self.last_rows[component] = rows
+from .settings import ProfileSettings, describe_change, records_digest, resume_key, text_digest, weights_digest
+from .sites import ORDER, RowHolder, SitePlan, delta_input
+from .stats import decode
 
 
 def _kept_positions(example: Example, token_sample: float | None, seed: int) -> np.ndarray:
@@ -96,70 +65,136 @@ def _kept_positions(example: Example, token_sample: float | None, seed: int) -> 
     return np.sort(rng.choice(positions, size=n, replace=False))
 
 
-def _profile_batch(model, spec, decoder, batch, pad_id, components, token_sample, seed, tokenizer, keep_tokens):
-    """Run one batch; return (per-site sums DataFrame, per-token DataFrame or None, n kept tokens)."""
-    device = model.get_input_embeddings().weight.device
-    input_ids, attention_mask = pad_batch(batch, pad_id, device)
-    width = input_ids.shape[1]
-    kept = [_kept_positions(e, token_sample, seed) for e in batch]
-    flat = torch.from_numpy(np.concatenate([row * width + p for row, p in enumerate(kept)]))
-    decode = set(components) | {DELTA_OF[c] for c in components if c in DELTA_OF}
-    consumer = _BatchConsumer(decoder, flat.to(device), decode)
-    with torch.no_grad(), capture(model, consumer, spec):  # logits_to_keep=1: no [B, T, V] output logits
-        model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, logits_to_keep=1)
+def _forwards(batch: list[Example], kept: list[np.ndarray], per_token: int, budget: int):
+    """Split a batch into forwards of at most `budget` bytes of held rows: lists of (example, positions)."""
+    cap = max(1, budget // max(per_token, 1))
+    groups: list[list[tuple[Example, np.ndarray]]] = [[]]
+    size = 0
+    for example, positions in zip(batch, kept):
+        for i in range(0, len(positions), cap):
+            part = positions[i : i + cap]
+            if size + len(part) > cap and groups[-1]:
+                groups.append([])
+                size = 0
+            groups[-1].append((example, part))
+            size += len(part)
+    return groups
 
-    sites = [(0, "layer")] if "layer" in components else []
-    sites += [(layer, c) for layer in range(1, spec.n_layers + 1) for c in ORDER if c in components]
+
+def _decode_forward(model, spec, plan, decoders, group, pad_id, stats, held):
+    """One forward over prefixes of the group's records, then every statistic of every planned site."""
+    device = model.get_input_embeddings().weight.device
+    prefixes = [replace(e, input_ids=e.input_ids[: p[-1] + 1]) for e, p in group]
+    input_ids, attention_mask = pad_batch(prefixes, pad_id, device)
+    width = input_ids.shape[1]
+    flat = torch.from_numpy(np.concatenate([row * width + p for row, (_, p) in enumerate(group)]))
+    holder = RowHolder(flat.to(device), held, decoders[0].weight.device)
+    with torch.no_grad(), capture(model, holder, spec):  # logits_to_keep=1: no [B, T, V] output logits
+        model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, logits_to_keep=1)
+    targets = torch.from_numpy(np.concatenate([_next_tokens(e, p) for e, p in group]))
+    reference = (decoders[1], holder.rows[plan.output]) if plan.output in held else None
+    values = decode(decoders[0], {s: holder.rows[s] for s in plan.direct}, stats, targets=targets,
+                    reference=reference, sums=plan.sums)
+    return {s: {c: v.cpu() for c, v in cols.items()} for s, cols in values.items()}, holder.cos
+
+
+def _next_tokens(example: Example, positions: np.ndarray) -> np.ndarray:
+    """The token after each kept position, −1 where the record ends there."""
+    ids = np.asarray(example.input_ids + (-1,), dtype=np.int64)
+    return ids[positions + 1]
+
+
+def _sums(values: torch.Tensor) -> dict[str, float]:
+    """Count, sum and sum of squares of the finite values (NaN sums where there are none)."""
+    finite = values[~torch.isnan(values)]
+    if not len(finite):
+        return {"n": 0, "sum": float("nan"), "sumsq": float("nan")}
+    return {"n": len(finite), "sum": finite.sum().item(), "sumsq": finite.square().sum().item()}
+
+
+def _texts(ids: np.ndarray, tokenizer) -> np.ndarray:
+    """Token texts of an id array (each distinct id decoded once)."""
+    unique, inverse = np.unique(ids, return_inverse=True)
+    texts = np.array([tokenizer.decode([int(t)]) for t in unique], dtype=object)
+    return texts[inverse].reshape(ids.shape)
+
+
+def _profile_batch(model, spec, plan, decoders, batch, pad_id, settings, tokenizer):
+    """Run one batch; return (per-site sums DataFrame, per-token DataFrame or None, n kept tokens)."""
+    stats = settings.statistics()
+    kept = [_kept_positions(e, settings.token_sample, settings.seed) for e in batch]
+    held = set(plan.direct) | ({plan.output} if any(st.needs_output for st in stats) else set())
+    per_token = len(held) * spec.d_model * spec.unembed_weight.element_size()
+    found: dict[Site, dict[str, list]] = {}
+    cosines: dict[Site, list] = {}
+    for group in _forwards(batch, kept, per_token, int(settings.hidden_budget_mb * 2**20)):
+        values, cos = _decode_forward(model, spec, plan, decoders, group, pad_id, stats, held)
+        for site, cols in values.items():
+            for column, v in cols.items():
+                found.setdefault(site, {}).setdefault(column, []).append(v)
+        for site, v in cos.items():
+            cosines.setdefault(site, []).append(v)
+    values = {s: {c: torch.cat(parts) for c, parts in cols.items()} for s, cols in found.items()}
+    n = sum(len(p) for p in kept)
+    nan = torch.full((n,), float("nan"), dtype=torch.float64)
     sums, blocks = [], []
-    n = len(flat)
-    for layer, component in sites:
-        entropy = consumer.entropy[(layer, component)].double()
-        delta = cos = torch.full((n,), float("nan"), dtype=torch.float64)
-        if component in DELTA_OF and (component != "layer" or layer > 0):
-            before = (layer - 1, "layer") if component == "layer" else (layer, DELTA_OF[component])
-            delta = entropy - consumer.entropy[before].double()
-        if (layer, component) in consumer.cos:
-            cos = consumer.cos[(layer, component)].double()
-        row = {"layer": layer, "component": component, "n_tokens": n}
-        for name, values in zip(STATS, (entropy, delta, cos)):
-            valid = not torch.isnan(values).all()
-            row[f"{name}_sum"] = values.sum().item() if valid else float("nan")
-            row[f"{name}_sumsq"] = values.square().sum().item() if valid else float("nan")
+    for site in plan.sites:
+        own = values[plan.source[site]]
+        before = delta_input(site)
+        columns = {
+            "entropy": own["entropy"].double(),
+            "delta": own["entropy"].double() - values[plan.source[before]]["entropy"].double() if before else nan,
+            "cos_resid": torch.cat(cosines[site]).double() if site in cosines else nan,
+            **{c: own[c].double() for st in stats if not st.per_token for c in st.columns if c != "entropy"},
+        }
+        row = {"layer": site[0], "component": site[1], "n_tokens": n}
+        for name, v in columns.items():
+            row.update({f"{name}_{k}": x for k, x in _sums(v).items()})
         sums.append(row)
-        if keep_tokens:
-            blocks.append(pd.DataFrame({"layer": layer, "component": component, "entropy": entropy.float().numpy(),
-                                        "delta": delta.float().numpy(), "cos_resid": cos.float().numpy()}))
+        if settings.keep_tokens:
+            block = pd.DataFrame({"layer": site[0], "component": site[1],
+                                  **{name: v.float().numpy() for name, v in columns.items()}})
+            for st in stats:
+                if st.per_token:
+                    for column in st.columns:
+                        block[column] = list(own[column].numpy())
+                    if "topk_ids" in st.columns:
+                        block["topk_tokens"] = list(_texts(own["topk_ids"].numpy(), tokenizer))
+            blocks.append(block)
     tokens = None
-    if keep_tokens and blocks:
+    if settings.keep_tokens and blocks:
         token_ids = np.concatenate([np.asarray(e.input_ids)[p] for e, p in zip(batch, kept)])
         ids = {
             "record_id": np.concatenate([[e.record_id] * len(p) for e, p in zip(batch, kept)]),
             "position": np.concatenate(kept).astype(np.int64),
             "token_id": token_ids.astype(np.int64),
         }
-        texts = {t: tokenizer.decode([int(t)]) for t in np.unique(token_ids)}
-        ids["token"] = np.array([texts[t] for t in token_ids], dtype=object)
+        ids["token"] = _texts(token_ids, tokenizer)
         head = pd.DataFrame(ids)
         tokens = _sort_tokens([pd.concat([head, block], axis=1) for block in blocks])
     return pd.DataFrame(sums), tokens, n
 
 
 def summarize(sums: pd.DataFrame) -> pd.DataFrame:
-    """Summary table from per-site sums (any number of batches, attempts or ranks): exact merging."""
+    """Summary table from per-site sums (any number of batches, attempts or ranks): exact merging.
+
+    Every `<name>_sum` column gives `<name>` (mean over its `<name>_n` finite values), `<name>_std`
+    and `<name>_se`; the counts and sums are kept so that summaries merge again."""
     totals = sums.groupby(["layer", "component"], sort=False, as_index=False).sum(min_count=1)
-    n = totals["n_tokens"].astype(float)
+    names = [c.removesuffix("_sum") for c in sums.columns if c.endswith("_sum")]
     out = totals[["layer", "component"]].copy()
-    names = {"entropy": "entropy", "delta": "delta", "cos": "cos_resid"}
-    for stat, column in names.items():
-        mean = totals[f"{stat}_sum"] / n
-        var = (totals[f"{stat}_sumsq"] / n - mean**2).clip(lower=0)
-        out[column] = mean
-        out[f"{column}_std"] = np.sqrt(var)
-        out[f"{column}_se"] = np.sqrt(var / n)
+    for name in names:
+        n = totals[f"{name}_n"].astype(float)
+        mean = totals[f"{name}_sum"] / n
+        var = (totals[f"{name}_sumsq"] / n - mean**2).clip(lower=0)
+        out[name] = mean
+        out[f"{name}_std"] = np.sqrt(var)
+        out[f"{name}_se"] = np.sqrt(var / n)
     out["n_tokens"] = totals["n_tokens"].astype(np.int64)
-    for stat in STATS:
-        out[f"{stat}_sum"] = totals[f"{stat}_sum"]
-        out[f"{stat}_sumsq"] = totals[f"{stat}_sumsq"]
+    for name in names:
+        out[f"{name}_n"] = totals[f"{name}_n"].astype(np.int64)
+        out[f"{name}_sum"] = totals[f"{name}_sum"]
+        out[f"{name}_sumsq"] = totals[f"{name}_sumsq"]
     out["component"] = pd.Categorical(out["component"], categories=ORDER, ordered=True)
     out = out.sort_values(["layer", "component"]).reset_index(drop=True)
     out["component"] = out["component"].astype(str)
@@ -197,12 +232,12 @@ class _RunDir:
         self.path = Path(path)
         self.shards = self.path / "shards"
 
-    def start(self, meta: dict, resume: bool, rank: int) -> set[str]:
-        """Check resumability; return the ids of records already finished."""
+    def start(self, meta: dict, keys: Sequence[str], resume: bool, rank: int) -> set[str]:
+        """Check resumability (run.json's `keys` must match `meta`); return the ids of records already finished."""
         run_json = self.path / "run.json"
         self.lock = claim_run_dir(self.path, lock=rank == 0)
         if run_json.exists():
-            check_resume(self.path, read_json(run_json), meta, SETTINGS, resume)
+            check_resume(self.path, read_json(run_json), meta, keys, resume, describe_change)
         barrier()
         if rank == 0:
             atomic_write(run_json, lambda p: p.write_text(json.dumps({**meta, "status": "running"}, indent=2)))
@@ -240,50 +275,45 @@ def profile(
     model: torch.nn.Module,
     tokenizer,
     records: Sequence[Mapping],
+    settings: ProfileSettings | None = None,
     *,
-    chat: Mapping | None = None,
-    components: Sequence[str] | None = None,
-    final_norm: bool = False,
-    batch_size: int = 8,
-    truncate: bool = False,
-    token_sample: float | None = None,
-    seed: int = 0,
-    keep_tokens: bool = True,
     out_dir: str | Path | None = None,
     resume: bool = False,
     progress: bool = True,
     model_name: str | None = None,
     spec: ModelSpec | None = None,
+    **options,
 ) -> ProfileResult:
-    """Profile internal-policy entropies of `model` over `records` (see module docstring).
+    """Profile the internal policies of `model` over `records` (see module docstring).
 
-    With `out_dir`, results are written batch by batch and `resume=True` continues an interrupted
-    run; without it everything stays in memory. `chat` holds chat-template options for chat records
-    (e.g. `{"enable_thinking": False}` for Qwen3). `token_sample` (0 < f < 1) decodes a seeded random
-    fraction of the kept positions; the summary's `*_se` columns give each mean's standard error.
+    `settings` (a `ProfileSettings`) and/or keyword `options` (any of its fields, e.g.
+    `components=["layer"]`, `stats=["all"]`, `topk=5`, `final_norm=True`, `token_sample=0.25`,
+    `chat={"enable_thinking": False}`) say what to compute. With `out_dir`, results are written
+    batch by batch and `resume=True` continues an interrupted run with the same resume key;
+    without it everything stays in memory.
     """
-    components = check_components(components)
-    if token_sample is not None and not 0 < token_sample <= 1:
-        raise InputError(f"token_sample must be a fraction in (0, 1], got {token_sample}")
-    if batch_size < 1:
-        raise InputError(f"batch_size must be at least 1, got {batch_size}")
+    settings = (settings or ProfileSettings()).updated(**options)
     spec = spec or describe(model)
-    decoder = Decoder.from_spec(spec, final_norm=final_norm)
-    examples = tokenize_records(records, tokenizer, context_length(model), truncate, chat,
+    decoders = (Decoder.from_spec(spec, final_norm=settings.final_norm), Decoder.output_of(spec))
+    linear = settings.linear and not settings.final_norm and spec.unembed_weight.dtype == torch.float32
+    plan = SitePlan.build(spec, settings.components, linear)
+    examples = tokenize_records(records, tokenizer, context_length(model), settings.truncate, settings.chat,
                                 vocab_size=model.get_input_embeddings().weight.shape[0])
     rank, world = rank_world()
+    fingerprint = {"dtype": str(spec.unembed_weight.dtype).removeprefix("torch."),
+                   "records_sha256": records_digest(examples),
+                   "chat_template_sha256": text_digest(getattr(tokenizer, "chat_template", None)),
+                   "weights_sha256": weights_digest(model) if out_dir is not None else None}
     meta = {
         "model": model_name or getattr(model.config, "_name_or_path", type(model).__name__),
         "model_type": spec.model_type, "n_layers": spec.n_layers, "vocab_size": spec.vocab_size,
-        "d_model": spec.d_model, "dtype": str(spec.unembed_weight.dtype).removeprefix("torch."),
-        "device": str(spec.unembed_weight.device), "final_norm": final_norm, "components": list(components),
-        "token_sample": token_sample, "seed": seed, "truncate": truncate, "chat": dict(chat or {}),
+        "d_model": spec.d_model, "device": str(spec.unembed_weight.device), **settings.to_json(), **fingerprint,
         "skipped_empty_responses": len(records) - len(examples),
         "truncated_tokens": sum(e.truncated for e in examples), "world_size": world, "version": __version__,
         "layer_numbering": "paper: 1..L, 0 = embedding output",
     }
     run = _RunDir(Path(out_dir)) if out_dir is not None else None
-    done = run.start(meta, resume, rank) if run else set()
+    done = run.start(meta, list(resume_key(settings, fingerprint)), resume, rank) if run else set()
     pending = [e for e in examples if e.record_id not in done]
     mine = pending[rank::world]
     pad_id = pad_token_id(tokenizer)
@@ -291,9 +321,8 @@ def profile(
     bar = tqdm(total=sum(len(e.input_ids) for e in mine), unit="tok", unit_scale=True,
                desc=f"profile{f' rank {rank}' if world > 1 else ''}", disable=not progress)
     started = time.perf_counter()
-    for batch in batched(mine, batch_size):
-        sums, tokens, _ = _profile_batch(model, spec, decoder, batch, pad_id, components, token_sample, seed,
-                                         tokenizer, keep_tokens)
+    for batch in batched(mine, settings.batch_size):
+        sums, tokens, _ = _profile_batch(model, spec, plan, decoders, batch, pad_id, settings, tokenizer)
         if run:
             run.write_shard([e.record_id for e in batch], sums, tokens)
         else:
@@ -304,10 +333,10 @@ def profile(
     meta["seconds"] = round(time.perf_counter() - started, 3)
     if run is None:
         summary = summarize(pd.concat(all_sums, ignore_index=True))
-        tokens = pd.concat(all_tokens, ignore_index=True) if keep_tokens else None
+        tokens = pd.concat(all_tokens, ignore_index=True) if settings.keep_tokens else None
         meta.update(n_records=len(examples), n_tokens=int(summary.iloc[0]["n_tokens"]), status="complete")
         return ProfileResult(summary, meta, _tokens=tokens)
     barrier()
-    result = run.finish(meta, keep_tokens) if rank == 0 else None
+    result = run.finish(meta, settings.keep_tokens) if rank == 0 else None
     barrier()
     return result if result is not None else load_run(run.path)

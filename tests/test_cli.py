@@ -52,7 +52,7 @@ def test_profile_default_run_writes_tables(tmp_path, capsys):
         ([{"text": 123}], [], r"record 0 \(line 1\): 'text' must be a string, got int 123"),
         ([{"prompt_ids": [1, 403], "response_ids": [261, 512]}], [],
          "record 0: token id 512 is outside the model's vocabulary of 512"),
-        ([{"text": "A cat."}], ["--components", ""], r"unknown component\(s\) \(none given\)"),
+        ([{"text": "A cat."}], ["--components", ""], r"--components: expected a non-empty comma-separated list"),
         ([{"text": "A cat."}], ["--components", "layer, mlp"], r"unknown component\(s\) \['mlp'\]"),
         ([{"text": "A cat."}], ["--device", "bogus"], "unknown device 'bogus'; use cpu, cuda, cuda:N or mps"),
         pytest.param([{"text": "A cat."}], ["--device", "cuda"], "device 'cuda' is not available",
@@ -163,3 +163,83 @@ def test_torchrun_two_ranks_equal_one_process(tmp_path):
     a, b = pd.read_csv(one / "summary.csv"), pd.read_csv(two / "summary.csv")
     means = [c for c in a.columns if not c.endswith(("_sum", "_sumsq"))]
     pd.testing.assert_frame_equal(a[means], b[means], check_exact=False, atol=1e-6, rtol=0)
+
+
+def _perturbed_copy(source, target):
+    """A copy of a model folder whose weights differ slightly (same names, shapes and dtype)."""
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(source, target)
+    weights = load_file(target / "model.safetensors")
+    name = next(k for k in weights if k.endswith("embed_tokens.weight"))
+    weights[name] = weights[name] + 1e-3 * torch.ones_like(weights[name])
+    save_file(weights, target / "model.safetensors", metadata={"format": "pt"})
+
+
+RESUME_CHANGES = {
+    # name: (extra args of the first run, of the resumed run, what the error must name)
+    "input": ([], ["--input", "{other}"], "records"),
+    "edited_text": ([], ["--input", "{edited}"], "records"),
+    "dtype": (["--dtype", "float32"], ["--dtype", "bfloat16"], "dtype"),
+    "weights": (["--model", "{model}"], ["--model", "{model}", "--perturb"], "weights"),
+    "no_tokens": (["--no-tokens"], [], "--no-tokens"),
+    "stats": ([], ["--stats", "entropy,nll"], "--stats"),
+    "chat_template": (["--input", "{chat}", "--chat-template", "{template}"],
+                      ["--input", "{chat}", "--chat-template", "{template2}"], "chat template"),
+}
+
+
+@pytest.mark.parametrize("change", list(RESUME_CHANGES))
+def test_resume_refuses_anything_that_changes_the_numbers(tmp_path, capsys, change):
+    """Issue 14: the resume key covers the records' content, dtype, weights, --no-tokens, the statistics
+    settings and the chat template; each change is refused with one clear line and nothing is merged."""
+    from internal_policy.models import default_model_path
+
+    first, second, what = RESUME_CHANGES[change]
+    paths = {
+        "other": _jsonl(tmp_path / "other.jsonl", [{"id": "a", "text": "A dog ran."}, {"id": "c", "text": "Hi."}]),
+        "edited": _jsonl(tmp_path / "edited.jsonl", [{"id": "a", "text": "A cat sat down."}, {"id": "b", "text": "Sun."}]),
+        "chat": _jsonl(tmp_path / "chat.jsonl", [{"id": "q", "messages": [{"role": "user", "content": "Hi"},
+                                                                          {"role": "assistant", "content": "A cat."}]}]),
+        "template": tmp_path / "t1.jinja", "template2": tmp_path / "t2.jinja", "model": tmp_path / "model",
+    }
+    paths["template"].write_text("{% for m in messages %}{{ m['content'] }}\n{% endfor %}")
+    paths["template2"].write_text("{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}")
+    if change == "weights":
+        import shutil
+
+        shutil.copytree(default_model_path(), paths["model"])
+    source = _jsonl(tmp_path / "in.jsonl", [{"id": "a", "text": "A cat sat."}, {"id": "b", "text": "Sun."}])
+    run = tmp_path / "run"
+    base = ["profile", "--input", str(source), "--out", str(run), "--quiet", "--components", "layer"]
+
+    def args(extra):
+        out = [a.format(**paths) for a in extra if a != "--perturb"]
+        return base + out
+
+    assert main(args(first)) == 0
+    capsys.readouterr()
+    before = {p.name: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    if "--perturb" in second:
+        import shutil
+
+        shutil.rmtree(paths["model"])
+        _perturbed_copy(default_model_path(), paths["model"])
+    code = main(args(second) + ["--resume"])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert err.startswith("internal-policy profile: error: cannot resume") and err.count("\n") == 1, err
+    assert what in err, err
+    assert {p.name: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before  # nothing merged or rewritten
+
+
+def test_components_without_layer_plot_skips_the_heatmap(tmp_path, capsys):
+    """Issue 14: `profile --components ffn --plot` draws what it can (no heatmap without layer rows) and exits 0."""
+    source = _jsonl(tmp_path / "in.jsonl", [{"text": "A cat sat on the mat."}])
+    out = tmp_path / "run"
+    code = main(["profile", "--input", str(source), "--out", str(out), "--quiet", "--components", "ffn", "--plot"])
+    assert code == 0, capsys.readouterr().err
+    assert not (out / "figures" / "heatmap.png").exists()

@@ -20,6 +20,7 @@ from internal_policy.plot import (
     delta_figure,
     flow_figure,
     heatmap_figure,
+    lens_figure,
     plot_run,
     plot_runs,
     stages_figure,
@@ -236,3 +237,95 @@ def test_cli_plot_and_stages(tmp_path, tokens, capsys):
     assert json.loads((run_dir / "stages.json").read_text())["rel_tol"] == 0.9
     assert main(["plot", str(tmp_path / "missing")]) == 2
     assert "summary.csv" in capsys.readouterr().err
+
+
+def test_flow_title_names_the_decoding_of_the_run(tmp_path, tokens):
+    """Issue 14: a --final-norm run's flow figure does not say "raw decoding"."""
+    raw = write_run(tmp_path / "raw", tokens)
+    lens = write_run(tmp_path / "lens", tokens)
+    meta = json.loads((lens / "run.json").read_text())
+    (lens / "run.json").write_text(json.dumps({**meta, "final_norm": True}))
+    assert "raw decoding" in flow_figure(Run.from_dir(raw)).axes[0].get_title()
+    title = flow_figure(Run.from_dir(lens)).axes[0].get_title()
+    assert "raw decoding" not in title and "final norm" in title
+
+
+def _with_stats(tokens, seed=0):
+    """The synthetic tokens plus an `nll` column and top-3 token lists (as `profile --stats nll --topk 3` writes)."""
+    rng = np.random.default_rng(seed)
+    words = np.array(["cat", " dog", "$x", "\n", "the", "中"])
+    top = [list(rng.choice(words, 3)) for _ in range(len(tokens))]
+    return tokens.assign(nll=rng.uniform(0, 8, len(tokens)), topk_tokens=top,
+                         topk_probs=[sorted(rng.uniform(0, 0.3, 3), reverse=True) for _ in range(len(tokens))])
+
+
+def _summary_with(tokens, column):
+    summary = summarise(tokens)
+    means = tokens.groupby(["layer", "component"])[column].agg(["mean", "std", "size"]).reset_index()
+    means.columns = ["layer", "component", column, f"{column}_std", f"{column}_n"]
+    return summary.merge(means, on=["layer", "component"])
+
+
+def test_lens_cells_are_top1_tokens_coloured_by_the_statistic(tokens):
+    rich = _with_stats(tokens)
+    fig = lens_figure(rich, record_id="rec2", stat="nll", max_positions=5)
+    ax = fig.axes[0]
+    mesh = next(c for c in ax.collections if hasattr(c, "get_array") and c.get_array() is not None)
+    cells = np.asarray(mesh.get_array()).reshape(8 + 1, 5)
+    texts = {(round(t.get_position()[0] - 0.5), round(t.get_position()[1] - 0.5)): t.get_text() for t in ax.texts}
+    seen = 0
+    for r in rich.itertuples():  # independent: a loop over the token rows, layer L in the top row
+        if r.record_id == "rec2" and r.component == "layer" and r.position < 5:
+            assert cells[8 - r.layer, r.position] == pytest.approx(r.nll)
+            assert texts[(r.position, 8 - r.layer)] == token_label(r.topk_tokens[0])
+            seen += 1
+    assert seen == 5 * 9 and len(texts) == seen
+    assert fig.axes[1].get_ylabel() == "NLL of the next token (nats)"
+    assert "Logit lens" in ax.get_title() and "first 5 of 9 positions" in ax.get_title()
+    with pytest.raises(InputError, match="--topk 1"):
+        lens_figure(tokens)
+    with pytest.raises(InputError, match="no 'kl_out' column; profile with --stats kl_out"):
+        lens_figure(rich, stat="kl_out")
+
+
+def test_flow_compare_and_heatmap_show_the_chosen_statistic(tokens):
+    rich = _with_stats(tokens)
+    run = Run(_summary_with(rich, "nll"), label="tiny", vocab_size=512)
+    fig = flow_figure(run, stat="nll")
+    (line,) = by_gid(fig, "flow:tiny")
+    h, a, f = (col(run.summary, c, "nll") for c in ("layer", "attn", "ffn"))
+    expected = [h[0]] + [v for layer in range(1, 9) for v in (a[layer - 1], f[layer - 1], h[layer])]
+    np.testing.assert_allclose(line.get_ydata(), expected)
+    ax = fig.axes[0]
+    assert ax.get_ylabel() == "NLL of the next token (nats)" and ax.get_title().startswith("nll flow")
+    assert not [ln for ln in ax.get_lines() if ln.get_linestyle() == ":"]  # no ln|V| line for an NLL
+    other = Run(_summary_with(_with_stats(synthetic_tokens(n_layers=5, seed=9), seed=1), "nll"), label="five")
+    fig = compare_figure([run, other], stat="nll")
+    assert len(fig.axes) == 2  # one row: the statistic of H_l against layer and depth
+    (depth,) = by_gid(fig, "depth:layer:nll:five")
+    np.testing.assert_allclose(depth.get_ydata(), col(other.summary, "layer", "nll"))
+    assert fig.axes[0].get_ylabel() == "NLL of the next token (nats) of H_l"
+    fig = heatmap_figure(rich, record_id="rec0", stat="nll", max_positions=4)
+    mesh = next(c for c in fig.axes[0].collections if hasattr(c, "get_array") and c.get_array() is not None)
+    cells = np.asarray(mesh.get_array()).reshape(9, 4)
+    for r in rich.itertuples():
+        if r.record_id == "rec0" and r.component == "layer" and r.position < 4:
+            assert cells[8 - r.layer, r.position] == pytest.approx(r.nll)
+    assert fig.axes[1].get_ylabel() == "NLL of the next token (nats)"
+
+
+def test_plot_runs_lens_and_stat_options(tmp_path, tokens, capsys):
+    rich = _with_stats(tokens)
+    run_dir = write_run(tmp_path / "rich", rich)
+    _summary_with(rich, "nll").to_csv(run_dir / "summary.csv", index=False)
+    names = sorted(p.name for p in plot_run(run_dir, tmp_path / "all"))
+    assert names == sorted(f"{k}.{e}" for k in ("flow", "delta", "cosine", "heatmap", "lens") for e in ("png", "pdf"))
+    plain = write_run(tmp_path / "plain", tokens)  # no top-k tokens: "all" skips the lens figure
+    assert "lens.png" not in {p.name for p in plot_run(plain, tmp_path / "plain-figs")}
+    assert main(["plot", str(run_dir), "--kind", "lens", "--stat", "nll", "--record", "rec1",
+                 "--out", str(tmp_path / "cli")]) == 0
+    assert sorted(p.name for p in (tmp_path / "cli").iterdir()) == ["lens.pdf", "lens.png"]
+    assert main(["plot", str(plain), "--kind", "lens", "--out", str(tmp_path / "x")]) == 2
+    assert "--topk" in capsys.readouterr().err
+    assert main(["plot", str(plain), "--kind", "flow", "--stat", "rank", "--out", str(tmp_path / "x")]) == 2
+    assert "summary has no 'rank'" in capsys.readouterr().err

@@ -1,5 +1,6 @@
 """Profiling runs against an independent per-record float64 computation, and run-folder mechanics."""
 
+import importlib
 import math
 
 import numpy as np
@@ -7,10 +8,12 @@ import pandas as pd
 import pytest
 import torch
 
+from helpers_stats import check_stats, reference_stats
 from internal_policy.data import tokenize_records
 from internal_policy.entropy import Decoder
 from internal_policy.lens_bridge import boot_bridge, extract_with_bridge
 from internal_policy.models import default_model_path, describe
+from internal_policy.errors import InputError
 from internal_policy.profile import load_run, profile
 
 RECORDS = [
@@ -21,12 +24,19 @@ RECORDS = [
     {"id": "e", "text": "One day, a cat and a bird became friends and played together in the garden all day long."},
 ]
 KEY = ["record_id", "position", "layer", "component"]
+profile_module = importlib.import_module("internal_policy.profile")  # the module (the package exports the function)
+STATS = dict(stats=["all"], renyi_alpha=[0.5, math.inf], topk=3)
+"""Every statistic: the scalar ones, three Rényi orders and the top 3."""
 
 
-def _entropy64(h, w, b):
-    z = h.double() @ w.double().T + (0 if b is None else b.double())
-    logp = torch.log_softmax(z, dim=-1)
-    return -(logp.exp() * logp).sum(-1)
+def _logits64(h, spec, final_norm=False):
+    """Float64 logits of rows h written out: optional final norm (fp32 module), W_U, bias, scale, soft-cap."""
+    x = spec.final_norm(h.float()).double() if final_norm else h.double()
+    z = x @ spec.unembed_weight.double().T + (0 if spec.unembed_bias is None else spec.unembed_bias.double())
+    if final_norm:
+        z = z * spec.logit_scale
+        z = torch.tanh(z / spec.logit_softcap) * spec.logit_softcap if spec.logit_softcap else z
+    return z.detach()
 
 
 def _cos64(a, b):
@@ -60,25 +70,45 @@ def hf_hook_sites(model, ids):
     return sites
 
 
-def reference_tokens(model, tokenizer, records, sites_of):
-    """One record at a time, no padding, full float64 softmax per kept position."""
-    w, b = model.get_output_embeddings().weight, model.get_output_embeddings().bias
-    rows = []
+def reference_tokens(model, tokenizer, records, sites_of, final_norm=False, stats=False):
+    """One record at a time, no padding, full float64 softmax per kept position; with `stats`, every
+    statistic of STATS (z_out = the model's own logits, y = the next token) in `ref_<name>` columns."""
+    spec = describe(model)
+    frames = []
     for ex in tokenize_records(records, tokenizer):
         ids = torch.tensor([ex.input_ids])
         sites = {k: v[0, ex.start : ex.stop] for k, v in sites_of(ids).items()}
-        ent = {k: _entropy64(v, w, b) for k, v in sites.items()}
-        for (layer, comp), h in ent.items():
-            delta = cos = torch.full_like(h, float("nan"))
+        with torch.no_grad():
+            z_out = model(ids).logits[0, ex.start : ex.stop].double()
+        y = torch.tensor([ex.input_ids[p + 1] if p + 1 < len(ex.input_ids) else -1 for p in range(ex.start, ex.stop)])
+        found = {k: reference_stats(_logits64(v, spec, final_norm), y, z_out, STATS["renyi_alpha"] + [2.0],
+                                    STATS["topk"]) for k, v in sites.items()}
+        for (layer, comp), values in found.items():
+            h = values["entropy"]
+            delta = cos = np.full_like(h, np.nan)
             if comp == "layer" and layer > 0:
-                delta = h - ent[(layer - 1, "layer")]
+                delta = h - found[(layer - 1, "layer")]["entropy"]
             if comp in ("attn", "ffn"):
-                delta = h - ent[(layer, comp + "_in")]
+                delta = h - found[(layer, comp + "_in")]["entropy"]
                 other = sites[(layer - 1, "layer")] if comp == "attn" else sites[(layer, "resid_mid")]
-                cos = _cos64(sites[(layer, comp)], other)
-            for j, pos in enumerate(range(ex.start, ex.stop)):
-                rows.append((ex.record_id, pos, layer, comp, h[j].item(), delta[j].item(), cos[j].item()))
-    return pd.DataFrame(rows, columns=KEY + ["entropy", "delta", "cos_resid"])
+                cos = _cos64(sites[(layer, comp)], other).numpy()
+            frame = pd.DataFrame({"record_id": ex.record_id, "position": np.arange(ex.start, ex.stop), "layer": layer,
+                                  "component": comp, "entropy": h, "delta": delta, "cos_resid": cos})
+            if stats:
+                for name, v in values.items():
+                    frame[f"ref_{name}"] = list(v) if v.ndim > 1 else v
+            frames.append(frame)
+    return pd.concat(frames, ignore_index=True)
+
+
+def assert_stats_match(ours, ref):
+    """Every statistic column of `ours` against the reference's `ref_<name>` columns (helpers_stats.check_stats)."""
+    merged = ref.merge(ours, on=KEY, suffixes=("_ref", ""))
+    assert len(merged) == len(ref) == len(ours)
+    names = [c.removeprefix("ref_") for c in ref.columns if c.startswith("ref_")]
+    check_stats({c: merged[c].to_numpy() for c in merged.columns},
+                {n: np.stack(merged[f"ref_{n}"].to_list()) if n.startswith("topk_") and n != "topk_clear"
+                 else merged[f"ref_{n}"].to_numpy() for n in names})
 
 
 def assert_tokens_match(ours, ref, atol=1e-4):
@@ -96,14 +126,33 @@ def test_stories_matches_plain_hf_hooks(stories):
     res = profile(model, tok, RECORDS, batch_size=3, progress=False)
     ref = reference_tokens(model, tok, RECORDS, lambda ids: hf_hook_sites(model, ids))
     assert_tokens_match(res.tokens, ref)
+    assert set(res.tokens.columns) == {*KEY, "token_id", "token", "entropy", "delta", "cos_resid"}
+
+
+def test_stories_every_statistic_raw_and_final_norm(stories):
+    """stories260K, batched with padding: all statistics of all sites (raw), and of H_l with the final norm."""
+    model, tok = stories
+    ref = reference_tokens(model, tok, RECORDS, lambda ids: hf_hook_sites(model, ids), stats=True)
+    res = profile(model, tok, RECORDS, batch_size=3, progress=False, **STATS)
+    assert_stats_match(res.tokens, ref)
+    lens = reference_tokens(model, tok, RECORDS, lambda ids: hf_hook_sites(model, ids), final_norm=True, stats=True)
+    res = profile(model, tok, RECORDS, batch_size=3, components=["layer"], final_norm=True, progress=False, **STATS)
+    assert_stats_match(res.tokens, lens[lens["component"] == "layer"])
 
 
 def test_every_architecture_matches_bridge_reference(arch, tiny, tiny_model_dir):
+    """Sites from TransformerLens' bridge, one record at a time, float64: entropy, ΔH and cosines of all
+    components, every statistic raw (linear path) and, with the final norm, of the layer outputs."""
     model, tok = tiny(arch)
     bridge = boot_bridge(tiny_model_dir(arch))
-    res = profile(model, tok, RECORDS, batch_size=2, progress=False)
-    ref = reference_tokens(model, tok, RECORDS, lambda ids: extract_with_bridge(bridge, ids))
-    assert_tokens_match(res.tokens, ref)
+    res = profile(model, tok, RECORDS, batch_size=2, progress=False, **STATS)
+    ref = reference_tokens(model, tok, RECORDS, lambda ids: extract_with_bridge(bridge, ids), stats=True)
+    assert_tokens_match(res.tokens, ref[KEY + ["entropy", "delta", "cos_resid"]])
+    assert_stats_match(res.tokens, ref)
+    lens = profile(model, tok, RECORDS, batch_size=2, components=["layer"], final_norm=True, progress=False, **STATS)
+    ref = reference_tokens(model, tok, RECORDS, lambda ids: extract_with_bridge(bridge, ids), final_norm=True,
+                           stats=True)
+    assert_stats_match(lens.tokens, ref[ref["component"] == "layer"])
 
 
 def test_stories_reference_values(stories):
@@ -118,20 +167,26 @@ def test_stories_reference_values(stories):
     assert abs(lens.summary["entropy"].iloc[-1] - 1.324) < 6e-4
 
 
-@pytest.mark.parametrize("arch, per_layer", [("llama", 6), ("olmo2", 4), ("phi", 5)])
-def test_each_unique_tensor_is_decoded_once(arch, per_layer, tiny, monkeypatch):
-    """H_l is decoded once as output and input; OLMo2's attn_in is H_{l-1} and ffn_in is resid_mid;
-    Phi-2's FFN shares the attention's norm."""
+@pytest.mark.parametrize("arch, linear, per_layer", [("llama", False, 6), ("llama", True, 4), ("olmo2", False, 4),
+                                                     ("olmo2", True, 2), ("phi", False, 5), ("phi", True, 3)])
+def test_each_unique_tensor_is_decoded_once(arch, linear, per_layer, tiny, monkeypatch):
+    """Unembedding rows multiplied per kept token: H_l once as output and input; OLMo2's attn_in is H_{l-1}
+    and ffn_in is resid_mid; Phi-2's FFN shares the attention's norm; with linearity resid_mid and H_l
+    are sums of other sites' logits (no matmul); kl_out adds the output's rows once, not once per site."""
     model, tok = tiny(arch)
-    calls = []
-    real = Decoder.entropy
-    monkeypatch.setattr(Decoder, "entropy", lambda self, x: (calls.append(len(x)), real(self, x))[1])
-    res = profile(model, tok, RECORDS, batch_size=len(RECORDS), progress=False)
-    assert len(calls) == 1 + per_layer * describe(model).n_layers
-    assert set(calls) == {res.meta["n_tokens"]}
+    rows = []
+    real = Decoder.matmul
+    monkeypatch.setattr(Decoder, "matmul", lambda self, x, w, start, stop, out=None: (
+        rows.append(len(x)) if start == 0 else None, real(self, x, w, start, stop, out))[1])
+    res = profile(model, tok, RECORDS, batch_size=len(RECORDS), linear=linear, progress=False)
+    n_layers, n = describe(model).n_layers, res.meta["n_tokens"]
+    assert sum(rows) == (1 + per_layer * n_layers) * n
     s = res.summary.set_index(["layer", "component"])["entropy"]
     if arch == "olmo2":
         assert s[(2, "attn_in")] == s[(1, "layer")] and s[(2, "ffn_in")] == s[(2, "resid_mid")]
+    rows.clear()
+    profile(model, tok, RECORDS, batch_size=len(RECORDS), linear=linear, stats=["kl_out"], progress=False)
+    assert sum(rows) == (2 + per_layer * n_layers) * n
 
 
 def test_padded_batches_equal_one_at_a_time(tiny):
@@ -195,7 +250,7 @@ def test_component_subset_keeps_deltas(arch, component, tiny):
     part = profile(model, tok, RECORDS, components=[component], progress=False).summary
     assert set(part["component"]) == {component}
     merged = part.merge(full, on=["layer", "component"], suffixes=("", "_full"))
-    np.testing.assert_allclose(merged["delta"], merged["delta_full"], atol=1e-9)
+    np.testing.assert_allclose(merged["delta"], merged["delta_full"], atol=1e-6)  # sums vs matmuls: rounding
 
 
 def test_token_sample_is_a_subset_with_standard_errors(stories):
@@ -214,31 +269,28 @@ def test_interrupted_run_resumes_to_identical_results(stories, tmp_path, monkeyp
     whole = profile(model, tok, records, batch_size=2, out_dir=tmp_path / "whole", progress=False)
 
     calls = {"n": 0}
-    real = Decoder.entropy
+    real = profile_module.decode
 
-    def flaky(self, x):
+    def flaky(*args, **kwargs):
         calls["n"] += 1
-        if calls["n"] == 40:
+        if calls["n"] == 3:
             raise KeyboardInterrupt("killed")
-        return real(self, x)
+        return real(*args, **kwargs)
 
-    monkeypatch.setattr(Decoder, "entropy", flaky)
+    monkeypatch.setattr(profile_module, "decode", flaky)
     with pytest.raises(KeyboardInterrupt):
         profile(model, tok, records, batch_size=2, out_dir=tmp_path / "cut", progress=False)
     done = list((tmp_path / "cut" / "shards").glob("*.done"))
-    assert 0 < len(done) < 5 and not (tmp_path / "cut" / "summary.csv").exists()
-    monkeypatch.setattr(Decoder, "entropy", real)
+    assert len(done) == 2 and not (tmp_path / "cut" / "summary.csv").exists()
     with pytest.raises(Exception, match="--resume"):
         profile(model, tok, records, batch_size=2, out_dir=tmp_path / "cut", progress=False)
-    calls["n"] = 0
-    monkeypatch.setattr(Decoder, "entropy", lambda self, x: (calls.__setitem__("n", calls["n"] + 1), real(self, x))[1])
+    calls["n"] = -100
     resumed = profile(model, tok, records, batch_size=2, out_dir=tmp_path / "cut", resume=True, progress=False)
-    per_batch = 1 + 6 * describe(model).n_layers - 2  # unique decodings per batch (aliases none here)
-    assert calls["n"] <= (5 - len(done)) * (per_batch + 2)
+    assert calls["n"] == -100 + 5 - len(done)  # one decoding pass per unfinished batch
     pd.testing.assert_frame_equal(resumed.summary, whole.summary, check_exact=False, atol=1e-12, rtol=0)
     pd.testing.assert_frame_equal(resumed.tokens, whole.tokens)
     pd.testing.assert_frame_equal(load_run(tmp_path / "cut").summary, load_run(tmp_path / "whole").summary)
-    with pytest.raises(Exception, match="settings differ"):
+    with pytest.raises(InputError, match=r"settings differ .* --final-norm \(off -> on\)"):
         profile(model, tok, records, final_norm=True, out_dir=tmp_path / "cut", resume=True, progress=False)
 
 
@@ -287,3 +339,19 @@ def test_accelerate_dispatched_model_profiles_the_same(stories, tmp_path):
     whole = profile(model, tok, RECORDS, progress=False)
     split = profile(dispatched, tok, RECORDS, progress=False)
     pd.testing.assert_frame_equal(split.summary, whole.summary, check_exact=False, atol=1e-6, rtol=0)
+
+
+def test_hidden_budget_splits_forwards_without_changing_results(stories, monkeypatch):
+    """A budget of ~6 kept tokens per forward: batches run as several forwards and long records as prefixes
+    ending at their kept positions; every statistic equals the one-forward run up to float rounding."""
+    model, tok = stories
+    whole = profile(model, tok, RECORDS, batch_size=5, progress=False, **STATS)
+    forwards = []
+    real = profile_module.decode
+    monkeypatch.setattr(profile_module, "decode", lambda *a, **k: (forwards.append(len(k["targets"])), real(*a, **k))[1])
+    per_token = (1 + 4 * describe(model).n_layers + 1) * describe(model).d_model * 4  # direct sites + output, fp32
+    split = profile(model, tok, RECORDS, batch_size=5, hidden_budget_mb=6 * per_token / 2**20, progress=False, **STATS)
+    assert max(forwards) == 6 and sum(forwards) == whole.meta["n_tokens"] and len(forwards) >= 10
+    scalars = [c for c in whole.tokens.columns if whole.tokens[c].dtype.kind == "f"]
+    pd.testing.assert_frame_equal(split.tokens[scalars], whole.tokens[scalars], check_exact=False, atol=1e-5, rtol=0)
+    assert split.tokens["topk_ids"].map(list).equals(whole.tokens["topk_ids"].map(list))

@@ -30,6 +30,7 @@ from ..data import pad_batch, tokenize_records
 from ..entropy import Decoder, row_cosine
 from ..errors import InputError
 from ..models import ModelSpec, context_length, describe, pad_token_id
+from ..stats import ENTROPY, NLL, KLOut, decode
 
 TRL_KEYS = {"reward": "reward", "entropy": "trl_entropy"}
 """TRL log keys copied into the table, and their metric names there."""
@@ -66,22 +67,20 @@ def measure(model, tokenizer, records: list[dict], k: int, spec: ModelSpec | Non
     hidden = extract(model, ids, attention, components=("layer",), spec=spec)
     model.train(was_training)
     H = {layer: hidden[(layer, "layer")][keep] for layer in range(spec.n_layers + 1)}
-    raw, actor = Decoder.from_spec(spec, final_norm=final_norm), Decoder.from_spec(spec, final_norm=True)
-    entropy = {layer: raw.entropy(h) for layer, h in H.items()}
-    rows = [{"metric": "entropy", "layer": layer, "value": e.mean().item()} for layer, e in entropy.items()]
-    actor_logp = torch.log_softmax(actor.logits(H[spec.n_layers]), dim=-1)  # decoded once: entropy and perplexity
-    actor_entropy = -(actor_logp.exp() * actor_logp).sum(-1)
-    rows.append({"metric": "actor_entropy", "layer": spec.n_layers, "value": actor_entropy.mean().item()})
-    rows.append({"metric": "delta_k", "layer": k, "value": (entropy[k] - entropy[k - 1]).mean().item()})
-    logp_k = torch.log_softmax(raw.logits(H[k]), dim=-1)
+    # one pass of internal_policy.stats: every layer's entropy and KL(π^k ‖ π^l) (π^k as the reference),
+    # then the actor's entropy and NLL (the perplexity) in another
+    raw = Decoder.from_spec(spec, final_norm=final_norm)
+    inner = decode(raw, H, [ENTROPY, KLOut()], reference=(raw, H[k]))
+    targets = ids[:, 1:][keep[:, :-1]]
+    actor = Decoder.output_of(spec).statistics(H[spec.n_layers], [ENTROPY, NLL()], targets=targets)
+    rows = [{"metric": "entropy", "layer": layer, "value": v["entropy"].mean().item()} for layer, v in inner.items()]
+    rows.append({"metric": "actor_entropy", "layer": spec.n_layers, "value": actor["entropy"].mean().item()})
+    rows.append({"metric": "delta_k", "layer": k,
+                 "value": (inner[k]["entropy"] - inner[k - 1]["entropy"]).mean().item()})
     for layer in range(k + 1, spec.n_layers + 1):
         rows.append({"metric": "cos_k", "layer": layer, "value": row_cosine(H[k], H[layer]).mean().item()})
-        logp_l = torch.log_softmax(raw.logits(H[layer]), dim=-1)
-        kl = (logp_k.exp() * (logp_k - logp_l)).sum(-1)
-        rows.append({"metric": "kl_k", "layer": layer, "value": kl.mean().item()})
-    targets = ids[:, 1:][keep[:, :-1]]
-    nll = -actor_logp.gather(-1, targets[:, None])[:, 0]
-    rows.append({"metric": "perplexity", "layer": spec.n_layers, "value": nll.mean().exp().item()})
+        rows.append({"metric": "kl_k", "layer": layer, "value": inner[layer]["kl_out"].mean().item()})
+    rows.append({"metric": "perplexity", "layer": spec.n_layers, "value": actor["nll"].mean().exp().item()})
     return rows
 
 

@@ -1,4 +1,8 @@
-"""`internal-policy profile`: internal-policy entropies of a model over a set of records."""
+"""`internal-policy profile`: statistics of every internal policy of a model over a set of records.
+
+The options of what is computed are generated from `ProfileSettings` (one flag per field); this
+module adds the inputs, the model, generation and output options.
+"""
 
 from __future__ import annotations
 
@@ -7,13 +11,15 @@ from importlib import resources
 from pathlib import Path
 
 from ..generate import ENGINES
+from ..settings import ProfileSettings
 
 SAMPLE_INPUT = "stories.jsonl"
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("profile", help="entropy of every internal policy (layer, attn, ffn, ...) per token",
-                       description="Profile internal-policy entropies; writes summary.csv, tokens.parquet, run.json.")
+    p = sub.add_parser("profile", help="entropy (and more statistics) of every internal policy per token",
+                       description="Profile internal policies (entropy, Rényi, NLL, rank, KL to the output, top-k); "
+                                   "writes summary.csv, tokens.parquet, run.json.")
     p.add_argument("--model", default=None, help="local HF model folder or name (default: embedded stories260K)")
     p.add_argument("--input", default=None,
                    help="records: .jsonl ({'text'}, {'prompt','response'}, {'messages'}), .parquet, a saved HF "
@@ -27,19 +33,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--chat-template", default=None, metavar="FILE",
                    help="Jinja chat template to use instead of the tokenizer's (e.g. for a base model)")
     p.add_argument("--out", required=True, help="run folder to write (created; --resume continues it)")
-    p.add_argument("--final-norm", action="store_true", help="apply the final norm before decoding (logit lens); "
-                                                             "default: raw h·W_Uᵀ as in the paper")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     p.add_argument("--device-map", default=None, help="'auto' spreads a model too big for one GPU over all GPUs "
                                                      "(accelerate); overrides --device")
     p.add_argument("--dtype", default="auto", help="auto, float32, bfloat16, float16 (entropy is fp32 anyway)")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--components", default=None, help="comma-separated subset of "
-                                                       "layer,attn_in,attn,resid_mid,ffn_in,ffn (default: all)")
-    p.add_argument("--truncate", action="store_true", help="cut records longer than the context instead of failing")
-    p.add_argument("--token-sample", type=float, default=None, help="decode a random fraction of positions")
-    p.add_argument("--seed", type=int, default=0, help="seed of --token-sample and of --generate sampling")
-    p.add_argument("--no-tokens", action="store_true", help="skip tokens.parquet (summary only; for big runs)")
+    ProfileSettings.add_arguments(p.add_argument_group("what to compute (ProfileSettings)"))
     g = p.add_argument_group("response generation (--generate)")
     g.add_argument("--generate", action="store_true",
                    help="sample responses from the model for each prompt, save them to OUT/responses.jsonl, "
@@ -86,18 +84,14 @@ def run(args: argparse.Namespace) -> int:
     from ..generate import Sampling, generate, pick_engine
     from ..inputs import read_records
     from ..models import default_model_path, load_model, resolve_dtype
-    from ..profile import check_components, profile
+    from ..profile import profile
 
-    if args.batch_size < 1:
-        raise InputError(f"--batch-size must be at least 1, got {args.batch_size}")
-    components = check_components(None if args.components is None
-                                  else [c.strip() for c in args.components.split(",") if c.strip()])
+    settings = ProfileSettings.from_args(args, chat=chat_options(args))
     try:
         resolve_dtype(args.dtype)
     except ValueError as err:
         raise InputError(str(err)) from None
-    chat = chat_options(args)
-    sampling = Sampling(args.samples, args.temperature, args.top_p, args.max_new_tokens, args.seed)
+    sampling = Sampling(args.samples, args.temperature, args.top_p, args.max_new_tokens, settings.seed)
     if args.generate:
         sampling.check()
         engine = pick_engine(args.engine)
@@ -109,16 +103,12 @@ def run(args: argparse.Namespace) -> int:
     if args.chat_template:
         tokenizer.chat_template = Path(args.chat_template).read_text(encoding="utf-8")
     if args.generate:
-        records = generate(model, tokenizer, records, sampling, chat=chat, engine=engine, out_dir=args.out,
-                           batch_size=args.gen_batch_size or (256 if engine == "vllm" else args.batch_size),
+        records = generate(model, tokenizer, records, sampling, chat=settings.chat, engine=engine, out_dir=args.out,
+                           batch_size=args.gen_batch_size or (256 if engine == "vllm" else settings.batch_size),
                            model_path=args.model or str(default_model_path()), resume=args.resume,
                            progress=not args.quiet)
-    result = profile(
-        model, tokenizer, records, chat=chat, components=components, final_norm=args.final_norm,
-        batch_size=args.batch_size, truncate=args.truncate, token_sample=args.token_sample, seed=args.seed,
-        keep_tokens=not args.no_tokens, out_dir=args.out, resume=args.resume,
-        progress=not args.quiet, model_name=args.model or "stories260K (embedded)",
-    )
+    result = profile(model, tokenizer, records, settings, out_dir=args.out, resume=args.resume,
+                     progress=not args.quiet, model_name=args.model or "stories260K (embedded)")
     if dist.rank_world()[0] == 0:
         _report(result, args)
     return 0
@@ -135,9 +125,10 @@ def _report(result, args: argparse.Namespace) -> None:
     layers = result.summary[result.summary["component"] == "layer"]
     if not layers.empty:
         flow = "  ".join(f"L{int(r.layer)}={r.entropy:.3f}" for r in layers.itertuples())
-        print(f"layer entropy (nats, raw decoding{' + final norm' if args.final_norm else ''}): {flow}")
+        print(f"layer entropy (nats, raw decoding{' + final norm' if result.meta['final_norm'] else ''}): {flow}")
     print(f"{result.meta['n_records']} records, {result.meta['n_tokens']} tokens -> "
-          f"{out / 'summary.csv'}, {out / 'run.json'}" + ("" if args.no_tokens else f", {out / 'tokens.parquet'}"))
+          f"{out / 'summary.csv'}, {out / 'run.json'}"
+          + (f", {out / 'tokens.parquet'}" if result.meta["keep_tokens"] else ""))
     if args.plot:
         from ..plot import plot_run
 
