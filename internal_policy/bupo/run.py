@@ -1,5 +1,8 @@
 """One training run: prompt set + reward + `BuPOConfig` → trained model, phase log, tracking and validation tables.
 
+An `AttnRLConfig` (a `BuPOConfig` with AttnRL's branching options) runs the `AttnRLTrainer`, which
+adds `branching.csv` (one row per rollout, rewritten up to the checkpoint on resume).
+
 Shared by `internal-policy train` and the analyses scripts so both run the same code path. The output
 folder (`config.output_dir`) holds what the run writes as it goes:
 
@@ -144,6 +147,9 @@ def train(model, tokenizer, prompts: pd.DataFrame, reward: Reward, config: BuPOC
     from accelerate import PartialState
     from datasets import Dataset
 
+    from ..attnrl.config import AttnRLConfig
+    from ..attnrl.trainer import AttnRLTrainer
+
     if getattr(reward, "needs_answer", False):
         require_answers(prompts, "training data")
     for name, frame in (eval_sets or {}).items():
@@ -162,9 +168,11 @@ def train(model, tokenizer, prompts: pd.DataFrame, reward: Reward, config: BuPOC
         _write_atomic(out / SETTINGS_FILE, json.dumps(record, indent=1) + "\n")
     eval_dataset = {name: Dataset.from_dict({"prompt": list(f["prompt"]), "answer": [str(a) for a in f["answer"]]})
                     for name, f in eval_sets.items()} if eval_sets else None
-    trainer = BuPOTrainer(model, reward, config, train_dataset=Dataset.from_dict({"prompt": texts, "answer": answers}),
-                          eval_dataset=eval_dataset, processing_class=tokenizer, profile_records=probe,
-                          profile_run=profile_run, callbacks=list(callbacks))
+    trainer_class = AttnRLTrainer if isinstance(config, AttnRLConfig) else BuPOTrainer
+    trainer = trainer_class(model, reward, config,
+                            train_dataset=Dataset.from_dict({"prompt": texts, "answer": answers}),
+                            eval_dataset=eval_dataset, processing_class=tokenizer, profile_records=probe,
+                            profile_run=profile_run, callbacks=list(callbacks))
     tracker = None
     if probe:
         track_layers = track_layers or trainer.tracked_layers
