@@ -23,8 +23,9 @@ new rows. When TRL computes old log-probs (or reference log-probs, β > 0), ever
 an initial response keeps TRL's, a continuation row's are computed through
 `_get_per_token_logps_and_entropies` (so during BuPO's internal phase they are π^k's, as TRL's are),
 with its prefix tokens set to its parent's values. The row count is padded to a multiple of
-`steps_per_generation` with copies of a real row whose completion mask and advantages are zero
-(TRL's `split_tensor_dict` would silently drop a remainder).
+`steps_per_generation` (TRL's `split_tensor_dict` would silently drop a remainder), and to the
+largest count of any process (TRL gathers per-row loss metrics, which needs equal micro-batches),
+with copies of a real row whose completion mask and advantages are zero.
 
 With `off_policy_branching` (spec §7), the rollout call at step t samples batch t's initial responses
 and the continuations of batch t−1's branch points, and trains batch t−1's trees: prefix tokens keep
@@ -249,11 +250,17 @@ class AttnRLTrainer(BuPOTrainer):
                 torch.cat([out["prompt_mask"], mask], 1))
 
     @torch.no_grad()
-    def _logps(self, model, ids: torch.Tensor, mask: torch.Tensor, keep: int) -> torch.Tensor:
-        """Log-probs of the last `keep` tokens through the policy path TRL uses (BuPO's π^k in its internal phase)."""
-        logps, _, _ = self._get_per_token_logps_and_entropies(model, ids, mask, keep,
+    def _logps(self, model, ids: torch.Tensor, mask: torch.Tensor, keep: int, rows: list[int] | None = None):
+        """Log-probs of the last `keep` tokens of `rows` (default all) through the policy path TRL uses (BuPO's
+        π^k in its internal phase). Every process runs as many forwards (DDP syncs buffers and FSDP gathers
+        parameters in each): the rows are padded with copies of row 0 to the largest count of any process."""
+        index = torch.arange(ids.shape[0]) if rows is None else torch.tensor(rows, dtype=torch.long)
+        count = len(index)
+        top = int(self.accelerator.gather(torch.tensor([count], device=ids.device)).max())
+        index = torch.cat([index, index.new_zeros(top - count)]).to(ids.device)
+        logps, _, _ = self._get_per_token_logps_and_entropies(model, ids[index], mask[index], keep,
                                                               batch_size=self.args.per_device_train_batch_size)
-        return logps
+        return logps[:count]
 
     def _score_for_selection(self, questions: list[Question], out: dict) -> None:
         """Steps and FCI (attn, adaptive sampling) or π_θ's token entropies (entropy) of every response."""
@@ -379,8 +386,7 @@ class AttnRLTrainer(BuPOTrainer):
                 filtered += 1
                 continue
             rows += [(q, leaf) for leaf in trained]
-        steps_per_generation = self.args.steps_per_generation
-        padding = (-len(rows)) % steps_per_generation if rows else steps_per_generation
+        padding = self._padding(len(rows))
         stats.update(trees=len(questions), zero_var_tree=zero_var, filtered=filtered, train_rows=len(rows),
                      padding_rows=padding)
         device, pad_id = self.accelerator.device, self._tokenizer.pad_token_id
@@ -413,13 +419,22 @@ class AttnRLTrainer(BuPOTrainer):
             batch["ref_per_token_logps"] = self._logps(self.ref_model, ids, mask, width)
         return batch
 
+    def _padding(self, rows: int) -> int:
+        """Zero rows to add so that every process holds the same row count, a multiple of steps_per_generation
+        (at least one row per micro-batch): TRL splits a rollout into steps_per_generation micro-batches and
+        gathers per-row loss metrics, which needs equal micro-batches on every process."""
+        steps = self.args.steps_per_generation
+        top = int(self.accelerator.gather(torch.tensor([rows], device=self.accelerator.device)).max())
+        return max(steps, -(-top // steps) * steps) - rows
+
     def _old_logps(self, rows: list, ids: torch.Tensor, mask: torch.Tensor, width: int) -> torch.Tensor:
         """Old log-probs of every row: the parent's for initial responses and for a continuation's prefix
         tokens, computed now (the current policy path) for a continuation's own tokens; 0 on padding rows."""
         old = torch.zeros(ids.shape[0], width, device=ids.device)
         branch = [r for r, (_, leaf) in enumerate(rows) if leaf.branch is not None]
+        computed = self._logps(self.model, ids, mask, width, branch)  # called on every process, even with no rows
         if branch:
-            old[branch] = self._logps(self.model, ids[branch], mask[branch], width).to(old.dtype)
+            old[branch] = computed.to(old.dtype)
         for r, (q, leaf) in enumerate(rows):
             parent = q.old_logps[leaf.parent]
             point = len(parent) if leaf.branch is None else q.continuations[leaf.branch].point
