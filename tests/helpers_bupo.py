@@ -1,4 +1,5 @@
-"""Shared pieces of the BuPO tests: a tiny trainer, a gradient recorder, an independent π^k log-prob reference."""
+"""Shared pieces of the BuPO (and AttnRL trainer) tests: a tiny trainer, a gradient recorder, an independent π^k
+log-prob reference, toy rewards."""
 
 from __future__ import annotations
 
@@ -10,6 +11,12 @@ PROMPTS = ["Once upon a time", "The cat sat", "Tom had a", "One day Lily"]
 
 def length_reward(completions, **_):
     return [float(len(c)) for c in completions]
+
+
+def easy_or_parity_reward(prompts, completions, completion_ids, **_):
+    """1 for the first two prompts (all-correct questions, which feed AttnRL's adaptive running mean), else the
+    parity of the completion's token ids (a coin flip per sequence): recomputable from (prompt, ids)."""
+    return [1.0 if p in PROMPTS[:2] else float(sum(ids) % 2) for p, ids in zip(prompts, completion_ids)]
 
 
 def config(tmp_path, **overrides):

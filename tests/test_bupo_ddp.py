@@ -19,8 +19,8 @@ import socket
 
 import torch
 import torch.multiprocessing as mp
+from helpers_bupo import PROMPTS, easy_or_parity_reward
 
-PROMPTS = ["Once upon a time", "The cat sat", "Tom had a", "One day Lily"]
 CASES = {
     "bupo": dict(internal_layer=1, internal_steps=2),  # two internal steps of π^1
     "schedule": dict(internal_schedule="1:1,2:1", force_schedule=True),  # π^1, then π^2
@@ -32,12 +32,6 @@ NEVER_USED = {  # parameters above every k of the case (3-layer model; HF block 
     "schedule": ("model.layers.2.", "model.norm."),
     "attnrl": (),
 }
-
-
-def parity_reward(prompts, completions, completion_ids, **_):
-    """1 for the first two prompts (all-correct questions, which feed the adaptive running mean), else the parity
-    of the token ids: recomputable from (prompt, ids)."""
-    return [1.0 if p in PROMPTS[:2] else float(sum(ids) % 2) for p, ids in zip(prompts, completion_ids)]
 
 
 def _record_batches(trainer, into: list) -> None:
@@ -78,7 +72,7 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
                         max_completion_length=6, max_steps=2, use_cpu=True, bf16=False, report_to="none",
                         save_strategy="no", learning_rate=1e-2, weight_decay=0.01, seed=0, disable_tqdm=True)
         args = (AttnRLConfig if branching else BuPOConfig)(**{**settings, **overrides})
-        reward = parity_reward if branching else lambda completions, **_: [float(len(c)) for c in completions]
+        reward = easy_or_parity_reward if branching else lambda completions, **_: [float(len(c)) for c in completions]
         trainer = (AttnRLTrainer if branching else BuPOTrainer)(
             model, reward, args, train_dataset=Dataset.from_dict({"prompt": PROMPTS}), processing_class=tokenizer)
         batches = []
@@ -120,5 +114,5 @@ def _check_branching(first: list[dict], second: list[dict]) -> None:
         assert a["items"] == b["items"] == a["mask"] + b["mask"]
         assert a["running"] == b["running"]
         for prompt, ids, reward in a["leaves"] + b["leaves"]:
-            assert reward == parity_reward([prompt], None, [ids])[0]
+            assert reward == easy_or_parity_reward([prompt], None, [ids])[0]
     assert first[-1]["running"] is not None  # all-correct questions were met

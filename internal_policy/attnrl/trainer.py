@@ -257,6 +257,8 @@ class AttnRLTrainer(BuPOTrainer):
         index = torch.arange(ids.shape[0]) if rows is None else torch.tensor(rows, dtype=torch.long)
         count = len(index)
         top = int(self.accelerator.gather(torch.tensor([count], device=ids.device)).max())
+        if top == 0:
+            return torch.zeros(0, keep, device=ids.device)
         index = torch.cat([index, index.new_zeros(top - count)]).to(ids.device)
         logps, _, _ = self._get_per_token_logps_and_entropies(model, ids[index], mask[index], keep,
                                                               batch_size=self.args.per_device_train_batch_size)
