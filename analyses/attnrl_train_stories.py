@@ -45,6 +45,8 @@ WORD = "tree"
 METHODS = {"grpo": dict(branching="none"),
            "attnrl": dict(branching="attn", adaptive_sampling=True),
            "attnrl_random": dict(branching="random", adaptive_sampling=True)}
+LEVELS = (0.5, 0.9)
+"""Reward levels whose cost (tokens, steps) measures sample efficiency."""
 LABELS = {"grpo": "GRPO", "attnrl": "AttnRL (FCI)", "attnrl_random": "AttnRL (random points)"}
 
 
@@ -90,7 +92,8 @@ def one_run(method: str, seed: int, args) -> pd.DataFrame:
     return table.assign(run_seconds=time.perf_counter() - started, settings=settings_key(args))
 
 
-SETTINGS = ("steps", "grpo_steps", "prompts_per_step", "n", "length", "lr", "points", "samples", "delta", "min_distance")
+SETTINGS = ("steps", "grpo_steps", "prompts_per_step", "n", "length", "lr", "points", "samples", "delta",
+            "min_distance")
 
 
 def settings_key(args) -> str:
@@ -102,14 +105,31 @@ def smooth(values: pd.Series, window: int) -> pd.Series:
     return values.rolling(window, min_periods=1).mean()
 
 
-def at_budget(table: pd.DataFrame, budget: float, last: int) -> pd.Series:
-    """Per (method, seed): mean reward of the last `last` steps whose cumulative generated tokens are <= budget."""
-    part = table[table["tokens_total"] <= budget].sort_values("step")
-    return part.groupby(["method", "seed"])["reward"].apply(lambda r: r.tail(last).mean())
+def budget_reward(table: pd.DataFrame, budget: float) -> pd.Series:
+    """Per (method, seed): the mean reward over the first `budget` generated tokens (each step weighted by the
+    tokens it generated): the area under the reward-vs-tokens curve divided by the budget."""
+    part = table[table["tokens_total"] <= budget]
+    weighted = (part["reward"] * part["generated_tokens"]).groupby([part["method"], part["seed"]]).sum()
+    return weighted / part.groupby(["method", "seed"])["generated_tokens"].sum()
 
 
-def fmt(values: pd.Series) -> str:
-    return f"{values.mean():.3f} ± {values.std(ddof=1):.3f}" if len(values) > 1 else f"{values.mean():.3f}"
+def to_reach(table: pd.DataFrame, level: float, window: int, column: str) -> pd.Series:
+    """Per (method, seed): `column` (tokens_total or step) at the first step whose running-mean reward over `window`
+    steps reaches `level` (NaN if it never does)."""
+    def first(run: pd.DataFrame) -> float:
+        hit = run[smooth(run["reward"], window).to_numpy() >= level]
+        return float(hit[column].iloc[0]) if len(hit) else float("nan")
+
+    return table.sort_values("step").groupby(["method", "seed"])[["reward", column]].apply(first)
+
+
+def fmt(values: pd.Series, spec: str = "{:.3f}") -> str:
+    """mean ± sd over seeds (missing values left out and counted)."""
+    given = values.dropna()
+    if given.empty:
+        return "not reached"
+    text = spec.format(given.mean()) + (f" ± {spec.format(given.std(ddof=1))}" if len(given) > 1 else "")
+    return text + (f" ({len(values) - len(given)} not reached)" if len(given) < len(values) else "")
 
 
 def figure(table: pd.DataFrame, budget: float, path: Path, window: int) -> None:
@@ -131,6 +151,8 @@ def figure(table: pd.DataFrame, budget: float, path: Path, window: int) -> None:
                 zero_ax.plot(run["step"], smooth(run["zero_std_trees"], window), color=colours[method], lw=1.2,
                              ls="--")
         reward_ax.axvline(budget / 1e3, color="0.5", lw=0.8, ls=":")
+        for level in LEVELS:
+            reward_ax.axhline(level, color="0.7", lw=0.6, ls=":")
         reward_ax.set(xlabel="cumulative generated tokens (thousands)", ylabel=f"reward (mean of {window} steps)",
                       title="reward vs generated tokens")
         step_ax.set(xlabel="optimizer step (= rollout batch)", ylabel="reward", title="reward vs steps")
@@ -143,19 +165,20 @@ def figure(table: pd.DataFrame, budget: float, path: Path, window: int) -> None:
 
 def report(table: pd.DataFrame, args, budget: float) -> str:
     seeds = sorted(table["seed"].unique())
-    last = table[table["step"].between(args.steps - args.last + 1, args.steps)].groupby(["method", "seed"])
-    final, zero_initial, zero_trees = last["reward"].mean(), table.groupby(["method", "seed"])["zero_std_initial"].mean(), \
-        table.groupby(["method", "seed"])["zero_std_trees"].mean()
-    budget_reward = at_budget(table, budget, args.last)
-    tokens = table.groupby(["method", "seed"])["tokens_total"].max()
-    per_step = table.groupby(["method", "seed"])["generated_tokens"].mean()
+    runs = table.groupby(["method", "seed"])
+    learning = table[table["step"] <= args.early].groupby(["method", "seed"])  # before most groups saturate
+    zero_initial, zero_trees = learning["zero_std_initial"].mean(), learning["zero_std_trees"].mean()
+    early = budget_reward(table, budget)
+    reach = {(level, column): to_reach(table, level, args.last, column) for level in LEVELS
+             for column in ("tokens_total", "step")}
+    tokens, per_step, seconds = runs["tokens_total"].max(), runs["generated_tokens"].mean(), runs["run_seconds"].first()
     first = table[table["step"] <= args.last].groupby(["method", "seed"])["reward"].mean()
-    seconds = table.groupby(["method", "seed"])["run_seconds"].first()
     lines = [
         "# GRPO vs AttnRL training on stories260K (issue 13, item 5b)",
         "",
         f"Generated by `HF_HUB_OFFLINE=1 PYTHONPATH=$PWD nice python analyses/attnrl_train_stories.py --seeds "
-        f"{' '.join(map(str, seeds))} --steps {args.steps} --grpo-steps {args.grpo_steps}` ({seconds.sum() / 60:.1f} min of training on CPU, "
+        f"{' '.join(map(str, seeds))} --steps {args.steps} --grpo-steps {args.grpo_steps}` "
+        f"({seconds.sum() / 60:.1f} min of training on CPU, "
         "measured with other jobs on the machine). Every number below is computed by that script.",
         "",
         "## Setup (scaled down from the published run)",
@@ -173,28 +196,34 @@ def report(table: pd.DataFrame, args, budget: float) -> str:
         "",
         "## Results (mean ± sd over seeds)",
         "",
-        f"| method | reward, steps 1–{args.last} | reward, steps {args.steps - args.last + 1}–{args.steps} | reward at {budget / 1e3:.0f}k "
-        "generated tokens | generated tokens per step | zero-variance share, initial groups | "
-        "zero-variance share, after branching |",
-        "|---|---|---|---|---|---|---|",
+        "Sample efficiency: the generated tokens (initial completions + continuation tokens kept) and the steps a "
+        f"run needs before its reward, as a running mean over {args.last} steps, reaches a level; and its mean "
+        f"reward over the first {budget:,.0f} generated tokens (the smallest total any run reached; each step "
+        f"weighted by its tokens). Zero-variance shares are over the first {args.early} steps: once the reward "
+        "saturates, almost every group is all-1 whatever the method.",
+        "",
+        "| method | reward, steps 1–" + f"{args.last} | " + " | ".join(
+            f"tokens to reward {level:g} | steps to {level:g}" for level in LEVELS)
+        + f" | mean reward, first {budget / 1e3:.0f}k tokens | tokens per step | zero-variance share, initial "
+        f"groups, steps 1–{args.early} | zero-variance share, trees, steps 1–{args.early} |",
+        "|---|---|" + "---|---|" * len(LEVELS) + "---|---|---|---|",
     ]
     for method in METHODS:
-        lines.append(f"| {LABELS[method]} | {fmt(first.loc[method])} | {fmt(final.loc[method])} | "
-                     f"{fmt(budget_reward.loc[method])} | {per_step.loc[method].mean():,.0f} | "
-                     f"{fmt(zero_initial.loc[method])} | "
-                     + (fmt(zero_trees.loc[method]) if method != "grpo" else "(no branching)") + " |")
+        cells = [fmt(first.loc[method])]
+        for level in LEVELS:
+            cells += [fmt(reach[level, "tokens_total"].loc[method], "{:,.0f}"), fmt(reach[level, "step"].loc[method],
+                                                                                    "{:.1f}")]
+        cells += [fmt(early.loc[method]), f"{per_step.loc[method].mean():,.0f}", fmt(zero_initial.loc[method]),
+                  fmt(zero_trees.loc[method]) if method != "grpo" else "(no branching)"]
+        lines.append(f"| {LABELS[method]} | " + " | ".join(cells) + " |")
     lines += [
         "",
-        f"Reward at a token budget: the mean reward of a run's last {args.last} steps before its cumulative "
-        f"generated tokens pass the budget ({budget:,.0f} tokens, the smallest total any run reached), so every "
-        "run is compared at the same sampling cost. Per-seed totals: "
-        + "; ".join(f"{LABELS[m]} {tokens.loc[m].min():,.0f}–{tokens.loc[m].max():,.0f}" for m in METHODS) + ".",
+        "Per-seed token totals: " + "; ".join(f"{LABELS[m]} {tokens.loc[m].min():,.0f}–{tokens.loc[m].max():,.0f}"
+                                              for m in METHODS) + ". A level a run never reached counts as missing.",
         "",
         "## What replicates at this scale",
         "",
-    ]
-    lines += verdicts(final, budget_reward, zero_initial, zero_trees, seeds)
-    lines += [
+        *verdicts(reach, early, zero_initial, zero_trees, seeds),
         "",
         "What cannot replicate here: the steps are sentences of a 260K-parameter story model and the reward is one "
         "word, so no step decides the outcome the way a reasoning step does, and FCI has little to find (see "
@@ -209,31 +238,41 @@ def report(table: pd.DataFrame, args, budget: float) -> str:
     return "\n".join(lines) + "\n"
 
 
-def verdicts(final, budget_reward, zero_initial, zero_trees, seeds) -> list[str]:
-    """Plain statements from paired per-seed comparisons (a claim holds when it holds in every seed)."""
+def verdicts(reach, early, zero_initial, zero_trees, seeds) -> list[str]:
+    """Plain statements from paired per-seed comparisons (a claim counts as replicated when it holds in every seed)."""
     n = len(seeds)
 
-    def paired(series, a, b):
-        diff = series.loc[a].reindex(seeds) - series.loc[b].reindex(seeds)
-        return diff, int((diff > 0).sum())
+    def count(series, a, b, better, unit: str = "") -> tuple[int, str]:
+        """Seeds where `a` beats `b`, and the mean difference over seeds where both are finite. A level never
+        reached costs infinitely many tokens (steps), so reaching it at all beats not reaching it."""
+        diff = (series.loc[a].reindex(seeds).fillna(np.inf) - series.loc[b].reindex(seeds).fillna(np.inf)).to_numpy()
+        finite = diff[np.isfinite(diff)]
+        return int(better(np.nan_to_num(diff, nan=0.0)).sum()), \
+            f"mean difference {finite.mean():+,.3g}{unit}" if len(finite) else "no seed where both reached it"
 
+    def word(wins: int) -> str:
+        return "replicated" if wins == n else "not replicated" if wins == 0 else "mixed"
+
+    level = LEVELS[0]
     out = []
     for other in ("grpo", "attnrl_random"):
-        diff, wins = paired(budget_reward, "attnrl", other)
-        out.append(f"- At equal generated tokens, AttnRL (FCI) reaches a higher reward than {LABELS[other]} in "
-                   f"{wins}/{n} seeds (mean difference {diff.mean():+.3f}): "
-                   + ("replicated." if wins == n else "not replicated." if wins == 0 else "not resolved."))
-    diff, wins = paired(final, "attnrl", "grpo")
-    out.append(f"- At equal steps (the last steps of AttnRL's run), AttnRL (FCI) is above GRPO in {wins}/{n} seeds "
-               f"(mean difference {diff.mean():+.3f}); it also generates several times more tokens per step.")
-    lower = (zero_trees.loc["attnrl"].reindex(seeds) < zero_initial.loc["attnrl"].reindex(seeds)).sum()
-    out.append(f"- Branching turns zero-variance groups into trees with signal: the share falls from "
+        wins, diff = count(reach[level, "tokens_total"], "attnrl", other, lambda d: d < 0, " tokens")
+        out.append(f"- Fewer generated tokens to reach reward {level:g}: AttnRL (FCI) vs {LABELS[other]} in {wins}/{n} "
+                   f"seeds ({diff}): {word(wins)}.")
+        wins, diff = count(early, "attnrl", other, lambda d: d > 0)
+        out.append(f"- Higher mean reward over the common token budget: AttnRL (FCI) vs {LABELS[other]} in "
+                   f"{wins}/{n} seeds ({diff}): {word(wins)}.")
+    wins, diff = count(reach[level, "step"], "attnrl", "grpo", lambda d: d < 0, " steps")
+    out.append(f"- Fewer optimizer steps to reach reward {level:g}: AttnRL (FCI) vs GRPO in {wins}/{n} seeds "
+               f"({diff}): {word(wins)}; AttnRL also trains on more rows per step.")
+    lower = int((zero_trees.loc["attnrl"].reindex(seeds) < zero_initial.loc["attnrl"].reindex(seeds)).sum())
+    out.append(f"- Branching turns zero-variance groups into trees with signal: for AttnRL (FCI) the share falls from "
                f"{zero_initial.loc['attnrl'].mean():.3f} (initial groups) to {zero_trees.loc['attnrl'].mean():.3f} "
-               f"(trees) for AttnRL (FCI), in {lower}/{n} seeds; GRPO's groups stay at "
-               f"{zero_initial.loc['grpo'].mean():.3f}.")
-    diff, wins = paired(-zero_trees, "attnrl", "attnrl_random")
-    out.append(f"- FCI points vs random points: fewer zero-variance trees in {wins}/{n} seeds "
-               f"(mean difference {-diff.mean():+.3f} in share).")
+               f"(trees), in {lower}/{n} seeds: {word(lower)}. GRPO's groups: "
+               f"{zero_initial.loc['grpo'].mean():.3f} with no signal.")
+    wins, diff = count(zero_trees, "attnrl", "attnrl_random", lambda d: d < 0)
+    out.append(f"- FCI points leave fewer zero-variance trees than random points in {wins}/{n} seeds "
+               f"({diff}): {word(wins)}.")
     return out
 
 
@@ -251,6 +290,7 @@ def main() -> None:
     parser.add_argument("--delta", type=int, default=2)
     parser.add_argument("--min-distance", type=int, default=4)
     parser.add_argument("--last", type=int, default=5, help="steps averaged at the start and at the end")
+    parser.add_argument("--early", type=int, default=10, help="steps over which zero-variance shares are averaged")
     parser.add_argument("--smooth", type=int, default=5, help="steps of the figure's running mean")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", type=Path, default=HERE / "attnrl_train_stories")

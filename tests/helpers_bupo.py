@@ -41,6 +41,23 @@ def trainer(model, tok, tmp_path, callbacks=(), profile_records=None, **override
                        callbacks=list(callbacks), profile_records=profile_records)
 
 
+class Killed(Exception):
+    """A simulated kill of a training run."""
+
+
+class KillAt(TrainerCallback):
+    """Raises `Killed` at optimizer step `step`, at callback event `when`: `on_evaluate` (after that step's
+    validation) or `on_step_end`; both come before the step's checkpoint is written."""
+
+    def __init__(self, step: int, when: str = "on_evaluate"):
+        self.step = step
+        setattr(self, when, self._kill)
+
+    def _kill(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            raise Killed
+
+
 class GradNorms(TrainerCallback):
     """Per optimizer step, the gradient norm of every parameter (0 where it has no gradient)."""
 

@@ -8,8 +8,7 @@ import json
 import pandas as pd
 import pytest
 import torch
-from helpers_bupo import PROMPTS, easy_or_parity_reward
-from transformers import TrainerCallback
+from helpers_bupo import PROMPTS, Killed, KillAt, easy_or_parity_reward
 
 from internal_policy.cli import main
 from internal_policy.models import load_model
@@ -68,19 +67,6 @@ def test_bad_branching_options_are_one_line_errors(tmp_path, capsys, args, messa
     assert line.startswith("internal-policy train: error:") and message in line
 
 
-class Killed(Exception):
-    pass
-
-
-class _KillAt(TrainerCallback):
-    def __init__(self, step: int):
-        self.step = step
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if state.global_step == self.step:
-            raise Killed
-
-
 def _run(model_dir, out, *, kill_at=None, resume=False):
     from internal_policy.attnrl.config import AttnRLConfig
     from internal_policy.bupo.run import train
@@ -94,7 +80,7 @@ def _run(model_dir, out, *, kill_at=None, resume=False):
     frame = pd.DataFrame({"prompt": PROMPTS, "answer": ["1", "2", "3", "4"]})
     try:
         train(model, tok, frame, easy_or_parity_reward, config, resume=resume, save_model=False,
-              callbacks=[_KillAt(kill_at)] if kill_at else [])
+              callbacks=[KillAt(kill_at, "on_step_end")] if kill_at else [])
     except Killed:
         return None
     return {n: p.detach().clone() for n, p in model.named_parameters()}

@@ -78,7 +78,8 @@ def _spy(trainer, model):
 
 def _hand_tree(question):
     """Per trained row (originals with points first, then continuations): token ids and per-token advantages,
-    from the definitions (float64): V = mean reward of the leaves below, A = (V − V_root + V − V_parent)/√leaves."""
+    from the definitions (float64): V = mean reward of the leaves below,
+    A = (V − V_root + V − V_parent) / √leaves."""
     responses, continuations = question.responses, question.continuations
     rewards = [parity_reward(None, [r])[0] for r in responses]
     branch_rewards = [parity_reward(None, [responses[c.parent][:c.point] + list(c.ids)])[0] for c in continuations]

@@ -16,7 +16,7 @@ from typing import Literal, get_args
 from ..bupo.config import BuPOConfig
 from ..errors import InputError
 from .fci import check_delta
-from .steps import SEPARATORS, unescape
+from .steps import SEPARATORS, escape, unescape
 
 Branching = Literal["none", "attn", "entropy", "random"]
 BRANCHINGS: tuple[str, ...] = get_args(Branching)
@@ -39,9 +39,9 @@ class AttnRLConfig(BuPOConfig):
         "help": "attn/random: tokens between two chosen steps (published 512 for 8k-token responses; scale it)"})
     branch_min_start: int | None = field(default=None, metadata={
         "help": "attn/random: earliest absolute token position of a branch point (default: branch_min_distance)"})
-    branch_step_sep: list[str] = field(default_factory=lambda: [s.encode("unicode_escape").decode() for s in SEPARATORS],
-                                       metadata={"help": "step separators tried in order, backslash escapes allowed "
-                                                         "('.' gives sentences, which suits stories260K)"})
+    branch_step_sep: list[str] = field(default_factory=lambda: [escape(s) for s in SEPARATORS], metadata={
+        "help": "step separators tried in order, backslash escapes allowed ('.' gives sentences, which suits "
+                "stories260K)"})
     adaptive_sampling: bool = field(default=False, metadata={
         "help": "branch ceil(n·e^-acc) responses per question, minority outcome first; all-correct questions "
                 "only above the running mean FCI (else dropped). Off: every response is branched"})

@@ -65,6 +65,11 @@ class Steps:
                 for k, (start, _) in enumerate(self.ranges)]
 
 
+def escape(separator: str) -> str:
+    """A separator as typed on a command line (backslash-n for a newline): the inverse of `unescape`."""
+    return separator.encode("unicode_escape").decode()
+
+
 def unescape(separator: str) -> str:
     """A separator as typed (`'\\n\\n'`) with its backslash escapes resolved; other characters kept as they are."""
     return codecs.decode(separator.encode("latin-1", "backslashreplace"), "unicode_escape")

@@ -458,7 +458,8 @@ class AttnRLTrainer(BuPOTrainer):
             "branch_points": int(total["points"]), "point_position": share("position_sum", "points"),
             "dropped_questions": int(total["dropped"]), "unbranchable": int(total["unbranchable"]),
             "trees": int(total["trees"]), "zero_std_after": share("zero_var_tree", "trees"),
-            "rows_added": int(total["continuations"]), "branch_reward": share("continuation_reward_sum", "continuations"),
+            "rows_added": int(total["continuations"]),
+            "branch_reward": share("continuation_reward_sum", "continuations"),
             "filtered_questions": int(total["filtered"]), "train_rows": int(total["train_rows"]),
             "padding_rows": int(total["padding_rows"]),
             "generated_tokens": int(total["generated_tokens"] + total["continuation_tokens"]),
@@ -487,7 +488,8 @@ class AttnRLTrainer(BuPOTrainer):
             torch.save(state, folder / STATE_FILE.format(rank=self.accelerator.process_index))
 
     def _load_optimizer_and_scheduler(self, checkpoint):
-        """On resume (as TRL restores its own controller state here): the branching state and table up to the checkpoint."""
+        """On resume (where TRL restores its own controller state): the branching state, and the table up to the
+        checkpoint."""
         super()._load_optimizer_and_scheduler(checkpoint)
         if checkpoint is None or not self.branching:
             return
