@@ -11,6 +11,7 @@ import torch
 from helpers_bupo import PROMPTS, Killed, KillAt, easy_or_parity_reward
 
 from internal_policy.cli import main
+from internal_policy.errors import InputError
 from internal_policy.models import load_model
 
 SMALL = ["--max-steps", "2", "--per-device-train-batch-size", "4", "--num-generations", "4",
@@ -92,6 +93,13 @@ def test_killed_off_policy_branching_run_resumes_to_the_same_numbers(tiny_model_
     out = tmp_path / "killed"
     assert _run(model_dir, out, kill_at=3) is None  # after checkpoint-2, whose pending trees train at step 3
     assert len(pd.read_csv(out / "branching.csv")) == 3
+    saved = json.loads((out / "train.json").read_text())
+    for key in ("branching", "zero_std_filter", "branch_samples"):  # as if written before these options existed
+        del saved[key]
+    (out / "train.json").write_text(json.dumps(saved))
+    with pytest.raises(InputError, match="branching: None -> 'random'"):  # not the default: it would change the run
+        _run(model_dir, out, resume=True)
+    (out / "train.json").write_text(json.dumps({**saved, "branching": "random"}))  # the others are at their defaults
     resumed = _run(model_dir, out, resume=True)
     for name, value in whole.items():
         torch.testing.assert_close(resumed[name], value, rtol=0, atol=0, msg=name)

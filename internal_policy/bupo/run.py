@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import MISSING, dataclass, fields
 from pathlib import Path
 
 import pandas as pd
@@ -66,8 +66,11 @@ def _write_atomic(path: Path, text: str) -> None:
     tmp.replace(path)
 
 
-def _checkpoint_step(out: Path, settings: dict, resume: bool) -> Path | None:
-    """Check the output folder for a fresh run (empty) or a resume (same settings); the checkpoint to resume."""
+def _checkpoint_step(out: Path, settings: dict, resume: bool, defaults: dict | None = None) -> Path | None:
+    """Check the output folder for a fresh run (empty) or a resume (same settings); the checkpoint to resume.
+
+    A setting the saved train.json lacks (one added by a later version, e.g. AttnRL's branching options)
+    is accepted at its default value in `defaults`, which keeps the older behaviour."""
     from transformers.trainer_utils import get_last_checkpoint
 
     saved = out / SETTINGS_FILE
@@ -80,7 +83,8 @@ def _checkpoint_step(out: Path, settings: dict, resume: bool) -> Path | None:
         raise InputError(f"nothing to resume in {out}: it has no {SETTINGS_FILE} (start a fresh run without resume)")
     before = json.loads(saved.read_text(encoding="utf-8"))
     keys = (set(before) | set(settings)) - MAY_CHANGE_ON_RESUME
-    changed = sorted(key for key in keys if before.get(key) != settings.get(key))
+    added_later = {k for k in set(settings) - set(before) if k in (defaults or {}) and settings[k] == defaults[k]}
+    changed = sorted(key for key in keys - added_later if before.get(key) != settings.get(key))
     if changed:
         detail = "; ".join(f"{k}: {before.get(k)!r} -> {settings.get(k)!r}" for k in changed[:4])
         raise InputError(f"resume would change the run's numbers ({detail}); resume with the run's own settings "
@@ -130,6 +134,13 @@ def _restore(out: Path, step: int, trainer: BuPOTrainer, tracker: EntropyTracker
             table.to_csv(validation, index=False)
 
 
+def _defaults(config) -> dict:
+    """The config dataclass's default values, JSON-normalised as train.json stores them."""
+    values = {f.name: f.default if f.default is not MISSING else f.default_factory() for f in fields(config)
+              if f.default is not MISSING or f.default_factory is not MISSING}
+    return json.loads(json.dumps(values, default=str))
+
+
 def train(model, tokenizer, prompts: pd.DataFrame, reward: Reward, config: BuPOConfig, *,
           probe: list[dict] | None = None, profile_run=None, eval_sets: dict[str, pd.DataFrame] | None = None,
           resume: bool = False, settings: dict | None = None, save_model: bool = True,
@@ -161,7 +172,7 @@ def train(model, tokenizer, prompts: pd.DataFrame, reward: Reward, config: BuPOC
               "reward": getattr(reward, "__name__", str(reward)), "data": digest([texts, answers]),
               "probe": digest(probe), "eval": digest({k: v.to_dict("list") for k, v in (eval_sets or {}).items()})}
     state = PartialState()
-    checkpoint = _checkpoint_step(out, record, resume)
+    checkpoint = _checkpoint_step(out, record, resume, _defaults(config))
     state.wait_for_everyone()  # every process checked the folder before the main one writes to it
     if state.is_main_process and checkpoint is None:
         out.mkdir(parents=True, exist_ok=True)
