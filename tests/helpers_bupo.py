@@ -1,4 +1,5 @@
-"""Shared pieces of the BuPO tests: a tiny trainer, a gradient recorder, an independent π^k log-prob reference."""
+"""Shared pieces of the BuPO (and AttnRL trainer) tests: a tiny trainer, a gradient recorder, an independent π^k
+log-prob reference, toy rewards."""
 
 from __future__ import annotations
 
@@ -10,6 +11,12 @@ PROMPTS = ["Once upon a time", "The cat sat", "Tom had a", "One day Lily"]
 
 def length_reward(completions, **_):
     return [float(len(c)) for c in completions]
+
+
+def easy_or_parity_reward(prompts, completions, completion_ids, **_):
+    """1 for the first two prompts (all-correct questions, which feed AttnRL's adaptive running mean), else the
+    parity of the completion's token ids (a coin flip per sequence): recomputable from (prompt, ids)."""
+    return [1.0 if p in PROMPTS[:2] else float(sum(ids) % 2) for p, ids in zip(prompts, completion_ids)]
 
 
 def config(tmp_path, **overrides):
@@ -32,6 +39,23 @@ def trainer(model, tok, tmp_path, callbacks=(), profile_records=None, **override
     return BuPOTrainer(model, length_reward, config(tmp_path, **overrides),
                        train_dataset=Dataset.from_dict({"prompt": PROMPTS}), processing_class=tok,
                        callbacks=list(callbacks), profile_records=profile_records)
+
+
+class Killed(Exception):
+    """A simulated kill of a training run."""
+
+
+class KillAt(TrainerCallback):
+    """Raises `Killed` at optimizer step `step`, at callback event `when`: `on_evaluate` (after that step's
+    validation) or `on_step_end`; both come before the step's checkpoint is written."""
+
+    def __init__(self, step: int, when: str = "on_evaluate"):
+        self.step = step
+        setattr(self, when, self._kill)
+
+    def _kill(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            raise Killed
 
 
 class GradNorms(TrainerCallback):

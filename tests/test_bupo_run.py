@@ -7,8 +7,7 @@ import json
 import pandas as pd
 import pytest
 import torch
-from helpers_bupo import PROMPTS, config, length_reward
-from transformers import TrainerCallback
+from helpers_bupo import PROMPTS, Killed, KillAt, config, length_reward
 
 from internal_policy.bupo.run import train
 from internal_policy.errors import InputError
@@ -18,21 +17,6 @@ PROBE = [{"text": "The little girl was happy because she found her red ball in t
 FRAME = pd.DataFrame({"prompt": PROMPTS, "answer": ["1", "2", "3", "4"]})
 
 
-class Killed(Exception):
-    pass
-
-
-class _KillAt(TrainerCallback):
-    """Stops the run after the validation of optimizer step `step`, before its checkpoint is written (a kill)."""
-
-    def __init__(self, step: int):
-        self.step = step
-
-    def on_evaluate(self, args, state, control, **kwargs):
-        if state.global_step == self.step:
-            raise Killed
-
-
 def _run(model_dir, out, *, kill_at=None, resume=False, **overrides):
     model, tok = load_model(model_dir)
     settings = dict(internal_steps=3, max_steps=5, save_strategy="steps", save_steps=2, weight_decay=0.01,
@@ -40,7 +24,7 @@ def _run(model_dir, out, *, kill_at=None, resume=False, **overrides):
     cfg = config(out, **{**settings, **overrides})
     try:
         train(model, tok, FRAME, length_reward, cfg, probe=PROBE, resume=resume, save_model=False,
-              eval_sets={"toy": FRAME.head(2)}, callbacks=[_KillAt(kill_at)] if kill_at else [])
+              eval_sets={"toy": FRAME.head(2)}, callbacks=[KillAt(kill_at)] if kill_at else [])
     except Killed:
         return None
     return {n: p.detach().clone() for n, p in model.named_parameters()}

@@ -7,10 +7,14 @@ attnrl-spec.md states them from the public code (RyanLiu112/AttnRL).
 - `sampling`: adaptive sampling arithmetic, zero-variance filter, dynamic prompt batch;
 - `tree`: branch prefixes and TreeRL process advantages;
 - `analysis`: the `internal-policy branch-points` run; `plots` (imported on its own, it loads
-  matplotlib): its figures.
+  matplotlib): its figures;
+- `config`, `trainer`: `AttnRLConfig` and `AttnRLTrainer`, branching rollouts with TreeRL advantages
+  on TRL (`internal-policy train --branching ...`); imported on first use, so the rest loads without TRL.
 
 Layers are numbered as in the paper: 1..L (HF 0-based block l-1).
 """
+
+from importlib import import_module
 
 from .analysis import BranchPoints, branch_points, load_branch_points
 from .fci import StepAttention, fci_from_attentions, step_attention, step_fci
@@ -19,10 +23,18 @@ from .select import SELECTORS, select_attn, select_entropy, select_random, step_
 from .steps import SEPARATORS, THINK_END, Steps, sequence_steps, split_steps, token_texts
 from .tree import BranchPrefix, Continuation, Leaf, branch_prefixes, tree_advantages
 
+_LAZY = {"AttnRLConfig": "config", "AttnRLTrainer": "trainer"}
+
 __all__ = [
-    "SELECTORS", "SEPARATORS", "THINK_END", "BranchPoints", "BranchPrefix", "Continuation", "Leaf", "RunningMean",
+    "AttnRLConfig", "AttnRLTrainer", "SELECTORS", "SEPARATORS", "THINK_END", "BranchPoints", "BranchPrefix", "Continuation", "Leaf", "RunningMean",
     "StepAttention", "Steps", "branch_budget", "branch_points", "branch_prefixes", "fci_from_attentions",
     "load_branch_points", "next_prompt_batch", "plan_branching",
     "select_attn", "select_entropy", "select_random", "sequence_steps", "split_steps",
     "step_attention", "step_fci", "step_points", "token_texts", "tree_advantages", "zero_std_keep",
 ]
+
+
+def __getattr__(name: str):
+    if name not in _LAZY:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(import_module(f".{_LAZY[name]}", __name__), name)

@@ -9,6 +9,7 @@ stories260K writes `"\\n\\n"` as two `"\\n"` byte tokens) is found by the next s
 
 from __future__ import annotations
 
+import codecs
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -62,6 +63,16 @@ class Steps:
         """Steps whose FCI is 0 by rule: the prompt, the first response step, and steps after `</think>`."""
         return [k < 2 or (self.think_end is not None and start > self.think_end)
                 for k, (start, _) in enumerate(self.ranges)]
+
+
+def escape(separator: str) -> str:
+    """A separator as typed on a command line (backslash-n for a newline): the inverse of `unescape`."""
+    return separator.encode("unicode_escape").decode()
+
+
+def unescape(separator: str) -> str:
+    """A separator as typed (`'\\n\\n'`) with its backslash escapes resolved; other characters kept as they are."""
+    return codecs.decode(separator.encode("latin-1", "backslashreplace"), "unicode_escape")
 
 
 def token_texts(tokenizer, ids: Sequence[int]) -> list[str]:

@@ -1,5 +1,8 @@
 """One training run: prompt set + reward + `BuPOConfig` → trained model, phase log, tracking and validation tables.
 
+An `AttnRLConfig` (a `BuPOConfig` with AttnRL's branching options) runs the `AttnRLTrainer`, which
+adds `branching.csv` (one row per rollout, rewritten up to the checkpoint on resume).
+
 Shared by `internal-policy train` and the analyses scripts so both run the same code path. The output
 folder (`config.output_dir`) holds what the run writes as it goes:
 
@@ -18,7 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import MISSING, dataclass, fields
 from pathlib import Path
 
 import pandas as pd
@@ -63,8 +66,11 @@ def _write_atomic(path: Path, text: str) -> None:
     tmp.replace(path)
 
 
-def _checkpoint_step(out: Path, settings: dict, resume: bool) -> Path | None:
-    """Check the output folder for a fresh run (empty) or a resume (same settings); the checkpoint to resume."""
+def _checkpoint_step(out: Path, settings: dict, resume: bool, defaults: dict | None = None) -> Path | None:
+    """Check the output folder for a fresh run (empty) or a resume (same settings); the checkpoint to resume.
+
+    A setting the saved train.json lacks (one added by a later version, e.g. AttnRL's branching options)
+    is accepted at its default value in `defaults`, which keeps the older behaviour."""
     from transformers.trainer_utils import get_last_checkpoint
 
     saved = out / SETTINGS_FILE
@@ -77,7 +83,8 @@ def _checkpoint_step(out: Path, settings: dict, resume: bool) -> Path | None:
         raise InputError(f"nothing to resume in {out}: it has no {SETTINGS_FILE} (start a fresh run without resume)")
     before = json.loads(saved.read_text(encoding="utf-8"))
     keys = (set(before) | set(settings)) - MAY_CHANGE_ON_RESUME
-    changed = sorted(key for key in keys if before.get(key) != settings.get(key))
+    added_later = {k for k in set(settings) - set(before) if k in (defaults or {}) and settings[k] == defaults[k]}
+    changed = sorted(key for key in keys - added_later if before.get(key) != settings.get(key))
     if changed:
         detail = "; ".join(f"{k}: {before.get(k)!r} -> {settings.get(k)!r}" for k in changed[:4])
         raise InputError(f"resume would change the run's numbers ({detail}); resume with the run's own settings "
@@ -127,6 +134,13 @@ def _restore(out: Path, step: int, trainer: BuPOTrainer, tracker: EntropyTracker
             table.to_csv(validation, index=False)
 
 
+def _defaults(config) -> dict:
+    """The config dataclass's default values, JSON-normalised as train.json stores them."""
+    values = {f.name: f.default if f.default is not MISSING else f.default_factory() for f in fields(config)
+              if f.default is not MISSING or f.default_factory is not MISSING}
+    return json.loads(json.dumps(values, default=str))
+
+
 def train(model, tokenizer, prompts: pd.DataFrame, reward: Reward, config: BuPOConfig, *,
           probe: list[dict] | None = None, profile_run=None, eval_sets: dict[str, pd.DataFrame] | None = None,
           resume: bool = False, settings: dict | None = None, save_model: bool = True,
@@ -144,6 +158,9 @@ def train(model, tokenizer, prompts: pd.DataFrame, reward: Reward, config: BuPOC
     from accelerate import PartialState
     from datasets import Dataset
 
+    from ..attnrl.config import AttnRLConfig
+    from ..attnrl.trainer import AttnRLTrainer
+
     if getattr(reward, "needs_answer", False):
         require_answers(prompts, "training data")
     for name, frame in (eval_sets or {}).items():
@@ -155,16 +172,18 @@ def train(model, tokenizer, prompts: pd.DataFrame, reward: Reward, config: BuPOC
               "reward": getattr(reward, "__name__", str(reward)), "data": digest([texts, answers]),
               "probe": digest(probe), "eval": digest({k: v.to_dict("list") for k, v in (eval_sets or {}).items()})}
     state = PartialState()
-    checkpoint = _checkpoint_step(out, record, resume)
+    checkpoint = _checkpoint_step(out, record, resume, _defaults(config))
     state.wait_for_everyone()  # every process checked the folder before the main one writes to it
     if state.is_main_process and checkpoint is None:
         out.mkdir(parents=True, exist_ok=True)
         _write_atomic(out / SETTINGS_FILE, json.dumps(record, indent=1) + "\n")
     eval_dataset = {name: Dataset.from_dict({"prompt": list(f["prompt"]), "answer": [str(a) for a in f["answer"]]})
                     for name, f in eval_sets.items()} if eval_sets else None
-    trainer = BuPOTrainer(model, reward, config, train_dataset=Dataset.from_dict({"prompt": texts, "answer": answers}),
-                          eval_dataset=eval_dataset, processing_class=tokenizer, profile_records=probe,
-                          profile_run=profile_run, callbacks=list(callbacks))
+    trainer_class = AttnRLTrainer if isinstance(config, AttnRLConfig) else BuPOTrainer
+    trainer = trainer_class(model, reward, config,
+                            train_dataset=Dataset.from_dict({"prompt": texts, "answer": answers}),
+                            eval_dataset=eval_dataset, processing_class=tokenizer, profile_records=probe,
+                            profile_run=profile_run, callbacks=list(callbacks))
     tracker = None
     if probe:
         track_layers = track_layers or trainer.tracked_layers

@@ -88,6 +88,16 @@ def internal_logps(
     return logps.view(targets.shape), entropy.view(targets.shape) if compute_entropy else None
 
 
+def append_csv(path: Path, table: pd.DataFrame) -> None:
+    """Append rows to a CSV table the run writes as it goes (atomically; `step` first)."""
+    if path.is_file():
+        table = pd.concat([pd.read_csv(path), table], ignore_index=True)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".csv.tmp")
+    table[["step", *[c for c in table.columns if c != "step"]]].to_csv(tmp, index=False)
+    tmp.replace(path)
+
+
 def add_internal_head(model, temperature: float, final_norm: bool = False) -> None:
     """Give `model.forward` an `internal_layer=k` keyword that returns π^k's (log-probs, entropy) of the next tokens.
 
@@ -385,13 +395,7 @@ class BuPOTrainer(GRPOTrainer):
         return metrics
 
     def _append_validation(self, table: pd.DataFrame) -> None:
-        path = Path(self.args.output_dir) / VALIDATION_FILE
-        if path.is_file():
-            table = pd.concat([pd.read_csv(path), table], ignore_index=True)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".csv.tmp")
-        table[["step", *[c for c in table.columns if c != "step"]]].to_csv(tmp, index=False)
-        tmp.replace(path)
+        append_csv(Path(self.args.output_dir) / VALIDATION_FILE, table)
 
     def create_optimizer(self, model=None):
         """TRL's optimizer; for method='lowlr' every group is split so parameters above k get lowlr_factor × lr."""

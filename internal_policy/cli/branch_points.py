@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import codecs
 from pathlib import Path
 
 
@@ -61,7 +60,7 @@ def run(args: argparse.Namespace) -> int:
     from ..attnrl.fci import check_delta
     from ..attnrl.plots import plot_branch_points
     from ..attnrl.select import check_selection
-    from ..attnrl.steps import SEPARATORS
+    from ..attnrl.steps import SEPARATORS, unescape
     from ..dist import init
     from ..errors import InputError
     from ..generate import Sampling, generate, pick_engine
@@ -77,7 +76,7 @@ def run(args: argparse.Namespace) -> int:
         resolve_dtype(args.dtype)
     except ValueError as err:
         raise InputError(str(err)) from None
-    separators = tuple(codecs.decode(s, "unicode_escape") for s in args.step_sep) if args.step_sep else SEPARATORS
+    separators = tuple(unescape(s) for s in args.step_sep) if args.step_sep else SEPARATORS
     chat = chat_options(args)
     sampling = Sampling(args.samples, args.temperature, args.top_p, args.max_new_tokens, args.seed)
     if args.generate:

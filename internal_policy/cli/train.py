@@ -1,7 +1,8 @@
-"""`internal-policy train`: BuPO, plain GRPO or the Table 11 baselines on TRL.
+"""`internal-policy train`: BuPO, plain GRPO or the Table 11 baselines on TRL, optionally with AttnRL branching.
 
 The options are generated from the dataclasses by transformers' `HfArgumentParser` (TRL's
-`TrlParser`): every `BuPOConfig` field, TRL's `GRPOConfig` and `TrainingArguments` included
+`TrlParser`): every `AttnRLConfig` field (AttnRL's branching options, `BuPOConfig`'s, TRL's
+`GRPOConfig` and `TrainingArguments` included
 (`--learning-rate`, `--per-device-train-batch-size`, `--report-to`, `--save-steps` ...), plus
 `TrainOptions` below and the shared --model/--dtype/--device (`options`). `--config run.yaml` sets any
 of them from a YAML mapping and `--preset official` the official run's values (`official_preset`);
@@ -24,8 +25,9 @@ REPORTERS = {"tensorboard": "tensorboard", "wandb": "wandb", "trackio": "trackio
 
 DESCRIPTION = """Train with BuPO (π^k for --internal-steps rollout batches, or a bottom-up
 --internal-schedule, then π_θ), plain GRPO, or GRPO with layers <= k frozen / 0.1x lr above k
-(--method). Every BuPOConfig / GRPOConfig / TrainingArguments field is an option; --config run.yaml
-sets any of them, --preset official the official run's values."""
+(--method); --branching attn|random|entropy adds AttnRL's branching rollouts and TreeRL advantages
+to any method. Every AttnRLConfig / BuPOConfig / GRPOConfig / TrainingArguments field is an option;
+--config run.yaml sets any of them, --preset official the official BuPO run's values."""
 
 LAUNCH = """Step units: --internal-steps and --internal-schedule count rollout batches (the official
 iterative_steps); --max-steps, --save-steps, --eval-steps, --logging-steps count optimizer steps.
@@ -73,12 +75,12 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def build_parser():
-    """The full `train` parser: TrainOptions + BuPOConfig fields, --model/--dtype/--device, --config, --preset."""
+    """The full `train` parser: TrainOptions + AttnRLConfig fields, --model/--dtype/--device, --config, --preset."""
     from trl import TrlParser
 
-    from ..bupo import BuPOConfig
+    from ..attnrl.config import AttnRLConfig
 
-    parser = TrlParser([TrainOptions, BuPOConfig], prog="internal-policy train", formatter_class=_Formatter,
+    parser = TrlParser([TrainOptions, AttnRLConfig], prog="internal-policy train", formatter_class=_Formatter,
                        epilog=LAUNCH, description=DESCRIPTION)
     add_model_options(parser, dtype_help="bfloat16 on a GPU that supports it (weights and autocast), float32 on CPU")
     parser.add_argument("--config", default=None, help="YAML mapping of any of these options (field names)")
@@ -106,10 +108,11 @@ def _yaml(path: str) -> dict:
 
 
 def parse(argv: list[str]):
-    """(TrainOptions, BuPOConfig, namespace) from command-line arguments, config file and preset."""
+    """(TrainOptions, AttnRLConfig, namespace) from command-line arguments, config file and preset."""
     import torch
 
-    from ..bupo.config import BuPOConfig, official_preset
+    from ..attnrl.config import AttnRLConfig
+    from ..bupo.config import official_preset
     from ..errors import InputError
     from ..models import resolve_device
     from .options import auto_dtype
@@ -129,7 +132,7 @@ def parse(argv: list[str]):
                          "in `train --help` (underscores)")
     ns = parser.parse_args(argv)
     options = TrainOptions(**{f.name: getattr(ns, f.name) for f in fields(TrainOptions)})
-    values = {f.name: getattr(ns, f.name) for f in fields(BuPOConfig) if f.init}
+    values = {f.name: getattr(ns, f.name) for f in fields(AttnRLConfig) if f.init}
     if values["output_dir"] not in (None, "trainer_output", options.out):
         raise InputError("give the output folder with --out only (not --output-dir)")
     values["output_dir"] = options.out
@@ -147,7 +150,7 @@ def parse(argv: list[str]):
         raise InputError("--eval-data needs --eval-steps N (validate every N optimizer steps) or --eval-on-start")
     _check_reporters(values["report_to"])
     try:
-        config = BuPOConfig(**values)
+        config = AttnRLConfig(**values)
     except (ValueError, TypeError) as err:
         if isinstance(err, InputError):
             raise
