@@ -40,6 +40,8 @@ class BlockLayout:
     ffn: str
     attn_in: str | None
     ffn_in: str | None
+    attn_out: str = "self_attn.o_proj"
+    """The attention output projection, whose input is the concatenation of the heads' outputs z_h."""
 
 
 _PRE_NORM = BlockLayout("self_attn", "mlp", "input_layernorm", "post_attention_layernorm")
@@ -55,14 +57,31 @@ _BLOCK_LAYOUTS: dict[str, BlockLayout] = {
     )},
     **{t: _SANDWICH for t in ("gemma2", "gemma3_text")},
     **{t: _POST_NORM for t in ("olmo2", "olmo3")},
-    "gpt2": BlockLayout("attn", "mlp", "ln_1", "ln_2"),
-    "gpt_neox": BlockLayout("attention", "mlp", "input_layernorm", "post_attention_layernorm"),
-    "gptj": BlockLayout("attn", "mlp", "ln_1", "ln_1"),
-    "phi": BlockLayout("self_attn", "mlp", "input_layernorm", "input_layernorm"),
+    "gpt2": BlockLayout("attn", "mlp", "ln_1", "ln_2", "attn.c_proj"),
+    "gpt_neox": BlockLayout("attention", "mlp", "input_layernorm", "post_attention_layernorm", "attention.dense"),
+    "gptj": BlockLayout("attn", "mlp", "ln_1", "ln_1", "attn.out_proj"),
+    "phi": BlockLayout("self_attn", "mlp", "input_layernorm", "input_layernorm", "self_attn.dense"),
     "cohere": BlockLayout("self_attn", "mlp", "input_layernorm", "input_layernorm"),
 }
 _LAYER_LISTS = ("layers", "h", "blocks")
 _FINAL_NORMS = ("norm", "ln_f", "final_layer_norm", "final_layernorm", "ln_final")
+
+
+@dataclass(frozen=True)
+class HeadProjection:
+    """The attention output projection of one block, split by head: A = Σ_h z_h W[h] (+ bias).
+
+    `weight[h]` is [head_dim, d_model] (HF Linear and GPT-2 Conv1D both normalised to this), `bias` the
+    projection's bias or None. `norm_after` names the norm that sits between the projection and the
+    residual stream (Gemma2/3 sandwich, OLMo2 post-norm): there A_l = norm(Σ_h ...) is not a sum of heads.
+    """
+
+    module: nn.Module
+    n_heads: int
+    head_dim: int
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+    norm_after: str | None
 
 
 @dataclass
@@ -77,6 +96,7 @@ class ModelSpec:
     unembed_bias: torch.Tensor | None
     logit_softcap: float | None = None
     logit_scale: float = 1.0
+    n_heads: int = 0
 
     @property
     def n_layers(self) -> int:
@@ -90,6 +110,19 @@ class ModelSpec:
     @property
     def vocab_size(self) -> int:
         return self.unembed_weight.shape[0]
+
+    def head_projection(self, index: int) -> HeadProjection:
+        """The per-head view of 0-based block `index`'s attention output projection (see `HeadProjection`)."""
+        module = self.block_part(index, self.layout.attn_out)
+        weight = module.weight if isinstance(module, nn.Linear) else module.weight.T  # Conv1D stores [in, out]
+        n_heads = self.n_heads
+        if weight.shape[1] % n_heads:
+            raise UnsupportedModelError(f"{self.model_type}: output projection input size {weight.shape[1]} is not "
+                                        f"a multiple of {n_heads} heads")
+        head_dim = weight.shape[1] // n_heads
+        per_head = weight.T.reshape(n_heads, head_dim, weight.shape[0])
+        norm_after = None if self.layout.attn == self.layout.attn_out.split(".")[0] else self.layout.attn
+        return HeadProjection(module, n_heads, head_dim, per_head, getattr(module, "bias", None), norm_after)
 
     def block_part(self, index: int, name: str) -> nn.Module:
         """Submodule `name` (a dotted path) of 0-based block `index` (paper layer index + 1)."""
@@ -119,7 +152,7 @@ def describe(model: nn.Module) -> ModelSpec:
     head = model.get_output_embeddings()
     if head is None or not hasattr(head, "weight"):
         raise UnsupportedModelError(f"{arch}: no output embedding (lm_head) to decode hidden states with")
-    for part in {layout.attn, layout.ffn, layout.attn_in, layout.ffn_in} - {None}:
+    for part in {layout.attn, layout.ffn, layout.attn_in, layout.ffn_in, layout.attn_out} - {None}:
         module = layers[0]
         for name in part.split("."):
             if not hasattr(module, name):
@@ -135,6 +168,7 @@ def describe(model: nn.Module) -> ModelSpec:
         unembed_bias=getattr(head, "bias", None),
         logit_softcap=getattr(config, "final_logit_softcapping", None),
         logit_scale=float(scale),
+        n_heads=int(getattr(config, "num_attention_heads", None) or getattr(config, "n_head", 0)),
     )
 
 
