@@ -30,6 +30,7 @@ from ..data import pad_batch, tokenize_records
 from ..entropy import Decoder, row_cosine
 from ..errors import InputError
 from ..models import ModelSpec, context_length, describe, pad_token_id
+from ..runs import atomic_write
 from ..stats import ENTROPY, NLL, KLOut, decode
 
 TRL_KEYS = {"reward": "reward", "entropy": "trl_entropy"}
@@ -160,9 +161,8 @@ class EntropyTracker(TrainerCallback):
         """Write the table to `path` (atomically), if there is one."""
         if self.path is not None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = self.path.with_suffix(".tmp")
-            self.frame().to_parquet(tmp, index=False)
-            tmp.replace(self.path)
+            frame = self.frame()
+            atomic_write(self.path, lambda tmp: frame.to_parquet(tmp, index=False))
 
     def frame(self) -> pd.DataFrame:
         """The tracked table: step, metric, layer (-1 for TRL metrics), value, k (-1: not k-specific), policy."""
