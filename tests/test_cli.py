@@ -243,3 +243,48 @@ def test_components_without_layer_plot_skips_the_heatmap(tmp_path, capsys):
     code = main(["profile", "--input", str(source), "--out", str(out), "--quiet", "--components", "ffn", "--plot"])
     assert code == 0, capsys.readouterr().err
     assert not (out / "figures" / "heatmap.png").exists()
+
+
+def test_choice_lists_and_shared_options_come_from_the_package_constants():
+    import argparse
+    import importlib
+
+    from internal_policy.bupo.config import METHODS
+    from internal_policy.bupo.rewards import SCORERS
+    from internal_policy.cli import COMMANDS
+    from internal_policy.cli.train import build_parser
+    from internal_policy.generate import ENGINES
+    from internal_policy.models import DTYPES
+    from internal_policy.plot import KINDS
+
+    sub = argparse.ArgumentParser().add_subparsers()
+    for name in COMMANDS:
+        importlib.import_module(f"internal_policy.cli.{name}").register(sub)
+    option = {name: parser._option_string_actions for name, parser in sub.choices.items()}
+    option["train"] = build_parser()._option_string_actions
+    assert option["plot"]["--kind"].choices == (*KINDS, "all")
+    assert tuple(option["train"]["--method"].choices) == METHODS
+    assert option["evaluate"]["--scorer"].choices == tuple(SCORERS)
+    for command in ("profile", "branch-points"):
+        assert option[command]["--engine"].choices == ENGINES
+    for command in ("profile", "branch-points", "evaluate", "train"):
+        assert option[command]["--dtype"].default == "auto"
+        assert option[command]["--dtype"].help.startswith(", ".join(DTYPES) + "; auto: ")
+        assert option[command]["--model"].help == option["profile"]["--model"].help
+    for command in ("profile", "branch-points"):
+        assert "checkpoint's own dtype" in option[command]["--dtype"].help
+
+
+def test_profile_dtype_auto_keeps_the_checkpoints_dtype(tmp_path, capsys):
+    from internal_policy.models import load_model
+
+    model, tokenizer = load_model()
+    folder = tmp_path / "bf16"
+    model.to(torch.bfloat16).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    records = _jsonl(tmp_path / "in.jsonl", [{"text": "A cat sat on the mat."}])
+    for dtype, expected in (("auto", "bfloat16"), ("float32", "float32")):
+        out = tmp_path / dtype
+        assert main(["profile", "--model", str(folder), "--input", str(records), "--out", str(out), "--quiet",
+                     "--dtype", dtype, "--no-tokens", "--components", "layer"]) == 0
+        assert json.loads((out / "run.json").read_text())["dtype"] == expected
