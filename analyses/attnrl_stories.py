@@ -296,7 +296,7 @@ def report(table: pd.DataFrame, initial: pd.DataFrame, ci: pd.DataFrame, args, s
         f"nonzero score); selection with the {args.quantile:g} quantile, {args.points} points, min-start "
         f"{args.min_start} and min-distance {args.min_distance} tokens (published 512 of an 8k-token response, "
         f"scaled by about 1/16 of {args.length}); {args.samples} continuations per point, as published.",
-        f"- Questions by initial rewards: " + ", ".join(f"{k}: {v}" for k, v in groups.items()) + ".",
+        "- Questions by initial rewards: " + ", ".join(f"{k}: {v}" for k, v in groups.items()) + ".",
         "",
         "## Results",
         "",

@@ -2,7 +2,7 @@
 
 In one process, on the same random-weight model, tokens and device, this times
   (a) `official`: the method of the BuPO repository's `visualization/plot_internal_entropy.py`,
-      re-implemented from its description (bupo-spec.md §1 "Aggregation"): fp32 model, eager
+      re-implemented from that script's aggregation: fp32 model, eager
       attention with `output_attentions` and `output_hidden_states`, one sample at a time, hooks
       copying every activation to the CPU, then per module one `lm_head` call with a full softmax
       and log_softmax for its input and one for its output (so H_{l-1} is decoded twice), plus the

@@ -1,5 +1,5 @@
-"""AttnRL ("Attention as a Compass", arXiv 2509.26628): attention-guided branch points, as the project's
-attnrl-spec.md states them from the public code (RyanLiu112/AttnRL).
+"""AttnRL ("Attention as a Compass", arXiv 2509.26628): attention-guided branch points, as the published code
+(github.com/RyanLiu112/AttnRL) computes them.
 
 - `steps`: reasoning steps of a prompt + response (separator rule);
 - `fci`: Forward Context Influence of each step from one query-chunked eager-attention pass;

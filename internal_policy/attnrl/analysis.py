@@ -123,7 +123,7 @@ def branch_points(
 ) -> BranchPoints:
     """Steps, FCI and AttnRL branch points of prompt/response `records` (see module docstring).
 
-    `separators` are tried in order (attnrl-spec §1); `think_end` (None to disable) silences the steps
+    `separators` are tried in order (as in the published code); `think_end` (None to disable) silences the steps
     after a thinking model's `</think>`; `chunk_elements` bounds one query block of attention
     probabilities. Settings are checked before the model runs, and every record's steps before the
     first forward, so a bad record costs nothing.

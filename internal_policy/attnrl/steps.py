@@ -1,4 +1,4 @@
-"""Reasoning steps of a prompt + response sequence (AttnRL, attnrl-spec.md §1).
+"""Reasoning steps of a prompt + response sequence (AttnRL's separator rule).
 
 Step 0 is the prompt. The response is cut **after** every token whose decoded text contains the
 first separator (in the given order) that any response token contains: by default `"\\n\\n"`, else
