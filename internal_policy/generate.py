@@ -49,6 +49,7 @@ class Sampling:
     seed: int = 0
 
     def check(self) -> None:
+        """Refuse settings that cannot sample (no samples or tokens, temperature <= 0, top_p outside (0, 1])."""
         if self.n < 1 or self.max_new_tokens < 1:
             raise InputError(f"need n >= 1 samples and max_new_tokens >= 1, got n={self.n}, "
                              f"max_new_tokens={self.max_new_tokens}")
@@ -173,7 +174,8 @@ def generate(
         raise InputError("engine 'vllm' loads the model itself: pass model_path (the --model folder or name)")
     if engine == "vllm" and world > 1:
         raise InputError("vLLM is not run under torchrun (it manages its own GPUs): sample once in a single "
-                         "process with --engine vllm, then profile OUT/responses.jsonl with torchrun; or use --engine hf")
+                         "process with --engine vllm, then profile OUT/responses.jsonl with torchrun; "
+                         "or use --engine hf")
     try:
         if run is not None:
             run.start(settings, settings, resume, rank=rank, settings_file=GENERATION_SETTINGS, status=False)

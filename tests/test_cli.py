@@ -2,7 +2,6 @@
 
 import json
 import re
-
 import shutil
 
 import pandas as pd
@@ -28,7 +27,8 @@ def test_profile_default_run_writes_tables(tmp_path, capsys):
     tokens = pd.read_parquet(out / "tokens.parquet")
     assert {"record_id", "position", "token_id", "token", "layer", "component", "entropy"} <= set(tokens)
     meta = json.loads((out / "run.json").read_text())
-    assert meta["n_records"] == 10 and meta["n_tokens"] == summary["n_tokens"].iloc[0] == tokens.query("layer == 0").shape[0]
+    assert meta["n_records"] == 10
+    assert meta["n_tokens"] == summary["n_tokens"].iloc[0] == tokens.query("layer == 0").shape[0]
     assert meta["status"] == "complete" and meta["final_norm"] is False
     assert str(out / "summary.csv") in capsys.readouterr().out
 
@@ -40,7 +40,8 @@ def test_profile_default_run_writes_tables(tmp_path, capsys):
         ([{"text": "A cat."}, "{not json", {"text": "B"}], [], r":2: not valid JSON"),
         ([{"text": "A cat."}, {"text": "  "}], [], r"record 1 \(line 2\): 'text' is empty"),
         ([{"prompt": "A cat", "response": ""}], [], r"record 0 \(line 1\): the response is empty"),
-        ([{"question": "x"}], [], r"line 1: no 'text', 'prompt', 'messages' or 'prompt_ids' field \(fields: \['question'\]\)"),
+        ([{"question": "x"}], [],
+         r"line 1: no 'text', 'prompt', 'messages' or 'prompt_ids' field \(fields: \['question'\]\)"),
         ([{"prompt": "A cat"}], [], "has a prompt but no response; pass --generate"),
         ([{"text": "A cat."}], ["--generate", "--max-new-tokens", "0"], "max_new_tokens >= 1"),
         ([{"text": "A cat."}], ["--generate"], r"record 0 \(line 1\): needs a prompt \('prompt' or 'messages'\)"),
@@ -201,9 +202,10 @@ def test_resume_refuses_anything_that_changes_the_numbers(tmp_path, capsys, chan
     first, second, what = RESUME_CHANGES[change]
     paths = {
         "other": _jsonl(tmp_path / "other.jsonl", [{"id": "a", "text": "A dog ran."}, {"id": "c", "text": "Hi."}]),
-        "edited": _jsonl(tmp_path / "edited.jsonl", [{"id": "a", "text": "A cat sat down."}, {"id": "b", "text": "Sun."}]),
-        "chat": _jsonl(tmp_path / "chat.jsonl", [{"id": "q", "messages": [{"role": "user", "content": "Hi"},
-                                                                          {"role": "assistant", "content": "A cat."}]}]),
+        "edited": _jsonl(tmp_path / "edited.jsonl",
+                         [{"id": "a", "text": "A cat sat down."}, {"id": "b", "text": "Sun."}]),
+        "chat": _jsonl(tmp_path / "chat.jsonl", [{"id": "q", "messages": [
+            {"role": "user", "content": "Hi"}, {"role": "assistant", "content": "A cat."}]}]),
         "template": tmp_path / "t1.jinja", "template2": tmp_path / "t2.jinja", "model": tmp_path / "model",
     }
     paths["template"].write_text("{% for m in messages %}{{ m['content'] }}\n{% endfor %}")

@@ -17,7 +17,8 @@ from internal_policy.generate import _HFSampler
 from internal_policy.runs import claim_run_dir
 from internal_policy.stages import run_boundary_layer
 
-profile_module = importlib.import_module("internal_policy.profile")  # the module (the package exports a function of that name)
+# the module (the package exports a function of that name)
+profile_module = importlib.import_module("internal_policy.profile")
 
 RECORDS = [{"id": "a", "text": "A cat sat on the mat."}, {"id": "b", "text": "Lily had a red ball."},
            {"id": "c", "text": "Tom ran to the big tree."}]

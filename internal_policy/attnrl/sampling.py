@@ -36,6 +36,7 @@ class RunningMean:
         self.total, self.count = 0.0, 0
 
     def add(self, values: Sequence[float]) -> None:
+        """Add a batch of values to the running sum and count."""
         self.total += float(np.sum(values))
         self.count += len(values)
 

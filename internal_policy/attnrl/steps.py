@@ -94,7 +94,8 @@ def sequence_steps(
         raise InputError("the prompt is empty: step 0 (the prompt) needs at least one token")
     if not response_texts:
         raise InputError("the response is empty: it has no steps")
-    ranges = [(0, prompt_length)] + [(prompt_length + a, prompt_length + b) for a, b in split_steps(response_texts, separators)]
+    response = split_steps(response_texts, separators)
+    ranges = [(0, prompt_length)] + [(prompt_length + a, prompt_length + b) for a, b in response]
     think = None
     if think_end:
         think = next((prompt_length + i for i, text in enumerate(response_texts) if think_end in text), None)

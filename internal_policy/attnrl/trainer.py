@@ -162,6 +162,7 @@ class AttnRLTrainer(BuPOTrainer):
 
     @property
     def branching(self) -> bool:
+        """Whether branching rollouts are on (`branching` is not 'none')."""
         return self.args.branching != "none"
 
     def _check_branching_setup(self) -> None:

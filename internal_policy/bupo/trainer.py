@@ -168,6 +168,7 @@ class Span:
 
     @property
     def policy(self) -> str:
+        """The policy's name in logs and tables: `pi^k`."""
         return f"pi^{self.layer}"
 
 
