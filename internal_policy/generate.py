@@ -178,7 +178,7 @@ def generate(
                          "or use --engine hf")
     try:
         if run is not None:
-            run.start(settings, settings, resume, rank=rank, settings_file=GENERATION_SETTINGS, status=False)
+            run.start(settings, settings, resume, rank=rank, settings_file=GENERATION_SETTINGS)
         done = run.finished_batches() if run is not None else {}
         mine = [b for b in range(len(batches)) if b not in done and b % world == rank]
         _sample(model, tokenizer, sampling, engine, model_path, prompts, batches, mine, done, run, progress)

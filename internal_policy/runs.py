@@ -162,11 +162,12 @@ class RunDir:
 
     def start(self, meta: Mapping, keys: Iterable[str], resume: bool, *, rank: int = 0,
               describe: Callable[[str, object, object], str] | None = None,
-              settings_file: str | Path = RUN_JSON, status: bool = True) -> set[str]:
+              settings_file: str | Path = RUN_JSON) -> set[str]:
         """Claim the folder; refuse a started run without `resume` or with other `keys` settings; write `meta`.
 
-        `meta` goes to `settings_file` (with `"status": "running"` when `status`); shard files of
-        unfinished batches are removed. Returns the record ids of the finished batches.
+        `meta` goes to `settings_file`: run.json (with `"status": "running"`, and the shard files of
+        unfinished batches are removed), or `GENERATION_SETTINGS` for a generation (as given).
+        Returns the record ids of the finished batches.
         """
         self.lock = claim_run_dir(self.path, lock=rank == 0)
         saved = self.path / settings_file
@@ -179,8 +180,9 @@ class RunDir:
         barrier()  # every rank has checked before rank 0 writes
         if rank == 0:
             saved.parent.mkdir(parents=True, exist_ok=True)
-            write_json(saved, {**meta, "status": "running"} if status else dict(meta))
-            if self.shards.is_dir():
+            run = Path(settings_file) == Path(RUN_JSON)
+            write_json(saved, {**meta, "status": "running"} if run else dict(meta))
+            if run and self.shards.is_dir():
                 self.remove_unfinished()
         barrier()
         return self.finished_ids()
