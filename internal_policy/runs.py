@@ -1,8 +1,8 @@
 """The run folder: one place for its file names, atomic writes, the lock, run.json, shards, and reading it back.
 
-Every command that writes a folder (`profile`, `generate`, `branch-points`, `stages`) goes through
-`RunDir`; figures, stage detection and BuPO's `internal_layer="auto"` read runs through `load_run`
-(pandas only). Layers are numbered as in the paper: 1..L, 0 = the embedding output.
+`profile`, `generate` and `branch-points` write their folders through `RunDir`; `stages` and the
+training folder (`bupo.run`) use its atomic writers; figures, stage detection and BuPO's
+`internal_layer="auto"` read runs back through `load_run` (pandas only). Layers are numbered as in the paper: 1..L, 0 = the embedding output.
 
 A run folder is written only by the process that holds its lock (`run.lock`, taken with
 `filelock`), and only if it is new, empty, or already a run: `claim_run_dir` refuses a folder
@@ -70,9 +70,10 @@ def write_jsonl(path: Path, records: Iterable[Mapping]) -> None:
 
 
 def check_resume(where: Path, saved: dict, settings: dict, keys: Iterable[str], resume: bool,
-                 describe: Callable[[str, object, object], str] = lambda key, saved, now: key) -> None:
+                 describe: Callable[[str, object, object], str] | None = None) -> None:
     """Refuse to overwrite a started run without `resume`, and to resume it with other `keys` settings
-    (`describe(key, saved, now)` names each difference in the one-line error)."""
+    (`describe(key, saved, now)` names each difference in the one-line error; default: the key)."""
+    describe = describe or (lambda key, saved, now: key)
     if not resume:
         raise InputError(f"{where} already holds a run; pass --resume to continue it or choose another --out")
     changed = [describe(k, saved.get(k), settings.get(k)) for k in keys if saved.get(k) != settings.get(k)]
@@ -176,7 +177,7 @@ class RunDir:
             if not isinstance(data, dict):
                 raise InputError(f"{saved} is damaged (not a JSON object); restore it, or start again with "
                                  "another --out")
-            check_resume(saved.parent, data, dict(meta), keys, resume, *([describe] if describe else []))
+            check_resume(saved.parent, data, dict(meta), keys, resume, describe)
         barrier()  # every rank has checked before rank 0 writes
         if rank == 0:
             saved.parent.mkdir(parents=True, exist_ok=True)
