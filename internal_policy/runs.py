@@ -2,7 +2,8 @@
 
 `profile`, `generate` and `branch-points` write their folders through `RunDir`; `stages` and the
 training folder (`bupo.run`) use its atomic writers; figures, stage detection and BuPO's
-`internal_layer="auto"` read runs back through `load_run` (pandas only). Layers are numbered as in the paper: 1..L, 0 = the embedding output.
+`internal_layer="auto"` read runs back through `load_run` (pandas only). Layers are numbered as in
+the paper: 1..L, 0 = the embedding output.
 
 A run folder is written only by the process that holds its lock (`run.lock`, taken with
 `filelock`), and only if it is new, empty, or already a run: `claim_run_dir` refuses a folder
