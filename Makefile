@@ -1,4 +1,4 @@
-# Two entry points (see README): `make demo` and `make test`. Both create .venv first.
+# Entry points (see README): `make demo`, `make test` and `make lint`. Each creates .venv first.
 PY ?= python3.11
 VENV := .venv
 STAMP := $(VENV)/.installed
@@ -10,7 +10,7 @@ $(STAMP): pyproject.toml constraints.txt
 	$(VENV)/bin/pip install -q -c constraints.txt torch==2.13.0 -e '.[dev]'
 	touch $(STAMP)
 
-.PHONY: venv demo test bench
+.PHONY: venv demo test lint bench
 venv: $(STAMP)
 
 demo: $(STAMP)
@@ -18,6 +18,9 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	HF_HUB_OFFLINE=1 $(VENV)/bin/python -m pytest -n 2 -q tests
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
 
 bench: $(STAMP)
 	HF_HUB_OFFLINE=1 $(VENV)/bin/python bench/profile_speed.py

@@ -217,7 +217,8 @@ def bootstrap(table: pd.DataFrame, reps: int, rng) -> pd.DataFrame:
                          "high": np.nanpercentile(values, 97.5)})
         for other in BASELINES:
             values = [d["attn"][name] - d[other][name] for d in draws]
-            rows.append({"metric": name, "what": f"attn − {other}", "estimate": point["attn"][name] - point[other][name],
+            estimate = point["attn"][name] - point[other][name]
+            rows.append({"metric": name, "what": f"attn − {other}", "estimate": estimate,
                          "low": np.nanpercentile(values, 2.5), "high": np.nanpercentile(values, 97.5)})
     return pd.DataFrame(rows)
 
@@ -247,7 +248,8 @@ def verdict(ci: pd.DataFrame, metric: str, other: str) -> str:
         return f"FCI higher than {other} ({row['estimate']:+.3f}, 95 % CI {row['low']:+.3f} to {row['high']:+.3f})"
     if row["high"] < 0:
         return f"FCI lower than {other} ({row['estimate']:+.3f}, 95 % CI {row['low']:+.3f} to {row['high']:+.3f})"
-    return f"no difference from {other} resolved ({row['estimate']:+.3f}, 95 % CI {row['low']:+.3f} to {row['high']:+.3f})"
+    return (f"no difference from {other} resolved ({row['estimate']:+.3f}, 95 % CI {row['low']:+.3f} to "
+            f"{row['high']:+.3f})")
 
 
 def _words(items: list[str]) -> str:
@@ -266,9 +268,10 @@ def summary(ci: pd.DataFrame, position: pd.Series) -> str:
             + (f", but not {_words(others)}." if others else "."))
     if "early" not in both and both:
         text += (" Since FCI does not beat the earliest-step baseline, at this scale its advantage is mostly where "
-                 f"its points fall (mean relative position: attn {position['attn']:.2f}, early {position['early']:.2f}, "
-                 f"random {position['random']:.2f}, entropy {position['entropy']:.2f}): FCI sums the attention from "
-                 "every later step, which favours early steps.")
+                 f"its points fall (mean relative position: attn {position['attn']:.2f}, "
+                 f"early {position['early']:.2f}, random {position['random']:.2f}, "
+                 f"entropy {position['entropy']:.2f}): FCI sums the attention from every later step, which "
+                 "favours early steps.")
     mixed = beaten("made_mixed")
     text += (f" On making all-0/all-1 questions mixed, FCI beats {_words(mixed)}." if mixed else
              " On making all-0/all-1 questions mixed, no difference between FCI and a baseline is resolved.")
@@ -296,7 +299,7 @@ def report(table: pd.DataFrame, initial: pd.DataFrame, ci: pd.DataFrame, args, s
         f"nonzero score); selection with the {args.quantile:g} quantile, {args.points} points, min-start "
         f"{args.min_start} and min-distance {args.min_distance} tokens (published 512 of an 8k-token response, "
         f"scaled by about 1/16 of {args.length}); {args.samples} continuations per point, as published.",
-        f"- Questions by initial rewards: " + ", ".join(f"{k}: {v}" for k, v in groups.items()) + ".",
+        "- Questions by initial rewards: " + ", ".join(f"{k}: {v}" for k, v in groups.items()) + ".",
         "",
         "## Results",
         "",
@@ -374,7 +377,8 @@ def main() -> None:
     parser.add_argument("--bootstrap", type=int, default=1000)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path, default=HERE / "attnrl_stories")
-    parser.add_argument("--report-only", action="store_true", help="redraw the report and figure from the saved tables (give the run's settings)")
+    parser.add_argument("--report-only", action="store_true",
+                        help="redraw the report and figure from the saved tables (give the run's settings)")
     args = parser.parse_args()
     tables = (args.out.with_suffix(".parquet"), args.out.with_name(args.out.name + "_responses.parquet"))
     if not args.report_only:

@@ -239,7 +239,8 @@ def main() -> None:
         "grpo": dict(method="grpo"),
         "bupo": dict(method="bupo", internal_layer=k, internal_steps=args.internal_steps),
         f"bupo_k{args.extra_k}": dict(method="bupo", internal_layer=args.extra_k, internal_steps=args.internal_steps),
-        "schedule": dict(method="bupo", internal_layer="auto", internal_schedule=f"{half},{args.internal_steps - half}"),
+        "schedule": dict(method="bupo", internal_layer="auto",
+                         internal_schedule=f"{half},{args.internal_steps - half}"),
     }
     runs = {"bupo": f"π^{k} (boundary) for {args.internal_steps} rollouts",
             f"bupo_k{args.extra_k}": f"π^{args.extra_k} for {args.internal_steps} rollouts",

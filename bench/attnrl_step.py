@@ -37,11 +37,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 import torch  # noqa: E402
+from profile_speed import _rss_kib  # noqa: E402
 
 from internal_policy.attnrl import fci as fci_module  # noqa: E402
 from internal_policy.attnrl.fci import step_attention  # noqa: E402
 from internal_policy.attnrl.steps import Steps  # noqa: E402
-from profile_speed import _rss_kib  # noqa: E402
 
 
 def build(args):

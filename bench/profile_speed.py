@@ -2,7 +2,7 @@
 
 In one process, on the same random-weight model, tokens and device, this times
   (a) `official`: the method of the BuPO repository's `visualization/plot_internal_entropy.py`,
-      re-implemented from its description (bupo-spec.md §1 "Aggregation"): fp32 model, eager
+      re-implemented from that script's aggregation: fp32 model, eager
       attention with `output_attentions` and `output_hidden_states`, one sample at a time, hooks
       copying every activation to the CPU, then per module one `lm_head` call with a full softmax
       and log_softmax for its input and one for its output (so H_{l-1} is decoded twice), plus the
@@ -185,8 +185,9 @@ def official(model, samples: list[torch.Tensor], start: int, device: str) -> dic
                     if device.startswith("cuda"):
                         torch.cuda.empty_cache()
                     offset, component = site[(kind, io)]
-                    if (i + offset, component) not in found or len(found[(i + offset, component)]) < len(found["final"]):
-                        found[(i + offset, component)].append(pair[io])
+                    key = (i + offset, component)
+                    if key not in found or len(found[key]) < len(found["final"]):
+                        found[key].append(pair[io])
                 rows += [{"module": f"layer_{i}_{kind}", "position": p, "input_entropy": float(a),
                           "output_entropy": float(b), "entropy_change": float(b - a)}
                          for p, (a, b) in enumerate(zip(pair["input"], pair["output"]))]
@@ -208,7 +209,7 @@ def engine(model, samples: list[torch.Tensor], start: int, device: str, batch_si
         width = ids.shape[1]
         index = torch.cat([row * width + torch.arange(start, width - 1) for row in range(ids.shape[0])]).to(device)
 
-        def on_tensor(layer, component, x, alias):
+        def on_tensor(layer, component, x, alias, index=index):
             if component in COMPONENTS:
                 rows = x.reshape(-1, x.shape[-1]).index_select(0, index) if alias is None else None
                 found[(layer, component)].append(decoder.entropy(rows) if alias is None else found[alias][-1])
@@ -462,7 +463,8 @@ def main() -> None:
     _, profile_mean_diff = compare(official_means, profile_means)
     print(f"agreement with the fp32 official method: engine max |ΔH| per token {token_diff:.2e} nats, per-site mean "
           f"{mean_diff:.2e}; profile per-site mean {profile_mean_diff:.2e} nats "
-          f"(mean H over sites {torch.cat([v for k, v in results['engine'].items()]).mean():.3f}, ln|V|={math.log(vocab):.3f})")
+          f"(mean H over sites {torch.cat(list(results['engine'].values())).mean():.3f}, "
+          f"ln|V|={math.log(vocab):.3f})")
     tolerance = 0.02 if cuda else 1e-3
     agree = max(mean_diff, profile_mean_diff) <= tolerance
     print(f"agree (per-site means within {tolerance} nats): {agree}")
@@ -506,7 +508,8 @@ def main() -> None:
               + f" (three decoder blocks: {1.5 * block:.0f} MiB, plus the stacked rows); "
               + "flat (2x tokens, 2x sites within half a decoder block of base): "
               + f"{max(held.values()) <= held['base'] + block / 4}")
-    print(f"engine speedup over official: {spread(per_round['engine speedup'])}; profile: {spread(per_round['speedup'])}")
+    print(f"engine speedup over official: {spread(per_round['engine speedup'])}; "
+          f"profile: {spread(per_round['speedup'])}")
     print(f"speedup={statistics.median(per_round['speedup']):.2f} "
           f"roofline={statistics.median(per_round['roofline profile']):.2f} "
           f"peak_mem_ratio={peaks['official'] / max(peaks['profile'], 1):.2f} "

@@ -14,7 +14,6 @@ from .models import ModelSpec, UnsupportedModelError, describe, load_model
 from .profile import ProfileResult, load_run, profile
 from .settings import ProfileSettings
 
-
 __all__ = [
     "BranchPoints",
     "COMPONENTS",

@@ -47,7 +47,8 @@ def _messages(value, where: str) -> list[dict]:
     for message in value:
         if not isinstance(message, Mapping) or not isinstance(message.get("role"), str) \
                 or not isinstance(message.get("content"), str):
-            raise InputError(f"{where}: every chat message needs a string 'role' and a string 'content', got {message!r}")
+            raise InputError(f"{where}: every chat message needs a string 'role' and a string 'content', "
+                             f"got {message!r}")
     return [dict(m) for m in value]
 
 

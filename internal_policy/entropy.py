@@ -93,6 +93,7 @@ class Decoder:
 
     @property
     def vocab_size(self) -> int:
+        """|V|, the number of rows of the unembedding."""
         return self.weight.shape[0]
 
     def _chunks(self) -> tuple[int, int]:

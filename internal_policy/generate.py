@@ -30,12 +30,11 @@ import torch
 from tqdm.auto import tqdm
 
 from .data import prompt_ids, prompt_of, record_id
-from .dist import atomic_write, barrier, check_resume, rank_world
+from .dist import barrier, rank_world
 from .errors import InputError
 from .models import context_length, pad_token_id
-from .runs import claim_run_dir, read_json
+from .runs import GENERATION_SETTINGS, RESPONSES, RunDir, write_jsonl
 
-RESPONSES = "responses.jsonl"
 ENGINES = ("auto", "hf", "vllm")
 
 
@@ -50,6 +49,7 @@ class Sampling:
     seed: int = 0
 
     def check(self) -> None:
+        """Refuse settings that cannot sample (no samples or tokens, temperature <= 0, top_p outside (0, 1])."""
         if self.n < 1 or self.max_new_tokens < 1:
             raise InputError(f"need n >= 1 samples and max_new_tokens >= 1, got n={self.n}, "
                              f"max_new_tokens={self.max_new_tokens}")
@@ -165,7 +165,7 @@ def generate(
     order = sorted(range(len(prompts)), key=lambda p: -len(prompts[p][2]))
     rows = [(p, k) for p in order for k in range(sampling.n)]
     batches = [rows[i : i + batch_size] for i in range(0, len(rows), batch_size)]
-    folder = Path(out_dir) / "generation" if out_dir is not None else None
+    run = RunDir(out_dir) if out_dir is not None else None
     digest = hashlib.sha1(json.dumps([p[2] for p in prompts]).encode()).hexdigest()[:16]
     settings = {**asdict(sampling), "batch_size": batch_size, "chat": dict(chat or {}), "engine": engine,
                 "n_prompts": len(prompts), "prompt_ids_sha1": digest}
@@ -174,31 +174,32 @@ def generate(
         raise InputError("engine 'vllm' loads the model itself: pass model_path (the --model folder or name)")
     if engine == "vllm" and world > 1:
         raise InputError("vLLM is not run under torchrun (it manages its own GPUs): sample once in a single "
-                         "process with --engine vllm, then profile OUT/responses.jsonl with torchrun; or use --engine hf")
-    lock = claim_run_dir(out_dir, lock=rank == 0) if folder else None
+                         "process with --engine vllm, then profile OUT/responses.jsonl with torchrun; "
+                         "or use --engine hf")
     try:
-        done = _start(folder, settings, resume) if folder else {}
+        if run is not None:
+            run.start(settings, settings, resume, rank=rank, settings_file=GENERATION_SETTINGS)
+        done = run.finished_batches() if run is not None else {}
         mine = [b for b in range(len(batches)) if b not in done and b % world == rank]
-        _sample(model, tokenizer, sampling, engine, model_path, prompts, batches, mine, done, folder, progress)
-        if folder is not None and world > 1:
+        _sample(model, tokenizer, sampling, engine, model_path, prompts, batches, mine, done, run, progress)
+        if run is not None and world > 1:
             barrier()
-            done = _finished(folder)
+            done = run.finished_batches()
         index_of = {p[0]: i for i, p in enumerate(prompts)}
         responses = sorted((r for b in range(len(batches)) for r in done[b]),
                            key=lambda r: (index_of[r["prompt_id"]], r["sample"]))
-        if folder is not None and rank == 0:
-            lines = "".join(json.dumps(r) + "\n" for r in responses)
-            atomic_write(Path(out_dir) / RESPONSES, lambda path: path.write_text(lines, encoding="utf-8"))
+        if run is not None and rank == 0:
+            write_jsonl(run.path / RESPONSES, responses)
         barrier()
     finally:
-        if lock is not None:
-            lock.release()
+        if run is not None and run.lock is not None:
+            run.lock.release()
     return responses
 
 
 def _sample(model, tokenizer, sampling: Sampling, engine: str, model_path: str | None, prompts: list, batches: list,
-            mine: list[int], done: dict[int, list[dict]], folder: Path | None, progress: bool) -> None:
-    """Sample this rank's pending batches into `done`, writing each one atomically into `folder`."""
+            mine: list[int], done: dict[int, list[dict]], run: RunDir | None, progress: bool) -> None:
+    """Sample this rank's pending batches into `done`, writing each one atomically into the run folder."""
     eos = _eos_ids(model, tokenizer)
     sampler = _VLLMSampler(model_path, sampling) if engine == "vllm" else _HFSampler(model, tokenizer, sampling)
     bar = tqdm(total=sum(len(batches[b]) for b in mine), unit="resp", desc="generate", disable=not progress)
@@ -207,9 +208,8 @@ def _sample(model, tokenizer, sampling: Sampling, engine: str, model_path: str |
             outputs = sampler([prompts[p][2] for p, _ in batches[b]], sampling.seed + b)
             done[b] = [_response(prompts[p], k, ids, eos, tokenizer)
                        for (p, k), ids in zip(batches[b], outputs, strict=True)]
-            if folder:
-                lines = "".join(json.dumps(r) + "\n" for r in done[b])
-                atomic_write(folder / f"batch-{b:06d}.jsonl", lambda path: path.write_text(lines, encoding="utf-8"))
+            if run is not None:
+                run.write_batch(b, done[b])
             bar.update(len(batches[b]))
     finally:
         bar.close()
@@ -238,27 +238,3 @@ def _response(prompt: tuple, sample: int, ids: list[int], eos: set[int], tokeniz
     return {"id": f"{record_id}/{sample}", "prompt_id": record_id, "sample": sample, "prompt": messages_or_text,
             "response": tokenizer.decode(r_ids, skip_special_tokens=True), "prompt_ids": p_ids,
             "response_ids": r_ids, "finished": finished}
-
-
-def _start(folder: Path, settings: dict, resume: bool) -> dict[int, list[dict]]:
-    """Check/write the generation settings; return the finished batches {index: response records}."""
-    saved = folder / "settings.json"
-    if saved.exists():
-        check_resume(folder, read_json(saved), settings, settings, resume)
-    barrier()  # every rank has checked before rank 0 writes the settings
-    if rank_world()[0] == 0:
-        folder.mkdir(parents=True, exist_ok=True)
-        atomic_write(saved, lambda path: path.write_text(json.dumps(settings, indent=2)))
-    barrier()
-    return _finished(folder)
-
-
-def _finished(folder: Path) -> dict[int, list[dict]]:
-    """The batches already written: {batch index: response records}; a damaged one is an InputError."""
-    done = {}
-    for path in sorted(folder.glob("batch-[0-9]*.jsonl")):
-        try:
-            done[int(path.stem.removeprefix("batch-"))] = [json.loads(line) for line in path.read_text().splitlines()]
-        except (ValueError, UnicodeDecodeError) as err:  # JSONDecodeError and a bad index are ValueErrors
-            raise InputError(f"{path} is damaged ({err}); delete it and --resume to sample that batch again") from None
-    return done

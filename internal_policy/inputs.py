@@ -70,7 +70,8 @@ def read_jsonl(path: str | Path) -> list[dict]:
                 raise InputError(f"{path}:{number}: not valid JSON ({err.msg} at column {err.colno}); "
                                  "each line must be one JSON object") from None
             if not isinstance(record, dict):
-                raise InputError(f"{path}:{number}: expected a JSON object like {{\"text\": ...}}, got {type(record).__name__}")
+                raise InputError(f"{path}:{number}: expected a JSON object like {{\"text\": ...}}, "
+                                 f"got {type(record).__name__}")
             record.setdefault("_line", number)
             records.append(record)
     return _checked(records, path)
@@ -112,7 +113,8 @@ def _read_text(path: Path) -> list[dict]:
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError:
-        raise InputError(f"{path} is neither .jsonl, .parquet nor UTF-8 text; convert it or give a supported file") from None
+        raise InputError(f"{path} is neither .jsonl, .parquet nor UTF-8 text; convert it or give a "
+                         "supported file") from None
     paragraphs = [p.strip() for p in re.split(r"\n\s*\n", text) if p.strip()]
     return _checked([{"text": p} for p in paragraphs], path)
 

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from .errors import InputError, UnsupportedModelError  # UnsupportedModelError: also importable from here
+
 DEFAULT_MODEL = "stories260K"
 """Name of the embedded default model (Karpathy's llama2.c stories260K, MIT licence)."""
 
@@ -105,10 +106,12 @@ class ModelSpec:
 
     @property
     def d_model(self) -> int:
+        """Width of the residual stream (columns of the unembedding)."""
         return self.unembed_weight.shape[1]
 
     @property
     def vocab_size(self) -> int:
+        """|V|, the number of rows of the unembedding."""
         return self.unembed_weight.shape[0]
 
     def head_projection(self, index: int) -> HeadProjection:
@@ -147,7 +150,8 @@ def describe(model: nn.Module) -> ModelSpec:
     base = getattr(model, "base_model", model)
     layers = next((getattr(base, n) for n in _LAYER_LISTS if isinstance(getattr(base, n, None), nn.ModuleList)), None)
     if layers is None:
-        raise UnsupportedModelError(f"{arch}: no decoder block list found (looked for {_LAYER_LISTS} on {type(base).__name__})")
+        raise UnsupportedModelError(f"{arch}: no decoder block list found (looked for {_LAYER_LISTS} "
+                                    f"on {type(base).__name__})")
     final_norm = next((getattr(base, n) for n in _FINAL_NORMS if isinstance(getattr(base, n, None), nn.Module)), None)
     head = model.get_output_embeddings()
     if head is None or not hasattr(head, "weight"):

@@ -27,7 +27,7 @@ from matplotlib.lines import Line2D
 from matplotlib.ticker import MaxNLocator
 
 from .errors import InputError
-from .runs import TOKENS, load_run
+from .runs import load_run
 from .stages import Stages, run_stages
 from .stats import by_name
 
@@ -85,7 +85,7 @@ class Run:
             label=Path(str(result.meta.get("model") or Path(run_dir).name)).name,
             vocab_size=result.meta.get("vocab_size"),
             stages=run_stages(run_dir) if has_ffn else None,
-            tokens_path=Path(run_dir) / TOKENS,
+            tokens_path=result.tokens_path,
             final_norm=bool(result.meta.get("final_norm", False)),
         )
 

@@ -31,7 +31,6 @@ world_size-th pending record, writes its own shards, and rank 0 merges them.
 from __future__ import annotations
 
 import hashlib
-import json
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
@@ -45,10 +44,10 @@ from tqdm.auto import tqdm
 from . import __version__
 from .capture import Site, capture
 from .data import Example, batched, pad_batch, tokenize_records
-from .dist import atomic_write, barrier, check_resume, rank_world
+from .dist import barrier, rank_world
 from .entropy import Decoder
 from .models import ModelSpec, context_length, describe, pad_token_id
-from .runs import ProfileResult, claim_run_dir, finished_ids, load_run, read_json, read_shard, remove_unfinished
+from .runs import SUMMARY, TOKENS, ProfileResult, RunDir, load_run, read_shard
 from .settings import ProfileSettings, describe_change, records_digest, resume_key, text_digest, weights_digest
 from .sites import ORDER, RowHolder, SitePlan, delta_input
 from .stats import decode
@@ -225,50 +224,14 @@ def _concat_parquet(parts: list[Path], target: Path) -> None:
             writer.close()
 
 
-class _RunDir:
-    """The on-disk state of a run: settings, finished shards, final tables."""
-
-    def __init__(self, path: Path):
-        self.path = Path(path)
-        self.shards = self.path / "shards"
-
-    def start(self, meta: dict, keys: Sequence[str], resume: bool, rank: int) -> set[str]:
-        """Check resumability (run.json's `keys` must match `meta`); return the ids of records already finished."""
-        run_json = self.path / "run.json"
-        self.lock = claim_run_dir(self.path, lock=rank == 0)
-        if run_json.exists():
-            check_resume(self.path, read_json(run_json), meta, keys, resume, describe_change)
-        barrier()
-        if rank == 0:
-            atomic_write(run_json, lambda p: p.write_text(json.dumps({**meta, "status": "running"}, indent=2)))
-            self.shards.mkdir(parents=True, exist_ok=True)
-            remove_unfinished(self.shards)
-        barrier()
-        return finished_ids(self.shards)
-
-    def write_shard(self, record_ids: list[str], sums: pd.DataFrame, tokens: pd.DataFrame | None) -> None:
-        """Write one batch's results; the `.done` marker goes last, so a killed write leaves no trace."""
-        name = hashlib.sha1("\n".join(sorted(record_ids)).encode()).hexdigest()[:16]
-        atomic_write(self.shards / f"{name}.sums.parquet", lambda p: sums.to_parquet(p, index=False))
-        if tokens is not None:
-            atomic_write(self.shards / f"{name}.tokens.parquet", lambda p: tokens.to_parquet(p, index=False))
-        atomic_write(self.shards / f"{name}.done", lambda p: p.write_text(json.dumps(record_ids)))
-
-    def finish(self, meta: dict, keep_tokens: bool) -> ProfileResult:
-        """Merge every finished shard into summary.csv / tokens.parquet and mark the run complete."""
-        names = sorted(p.name.split(".")[0] for p in self.shards.glob("*.done"))
-        sums = pd.concat([read_shard(self.shards / f"{n}.sums.parquet").to_pandas() for n in names], ignore_index=True)
-        summary = summarize(sums)
-        atomic_write(self.path / "summary.csv", lambda p: summary.to_csv(p, index=False))
-        if keep_tokens:
-            atomic_write(self.path / "tokens.parquet",
-                          lambda p: _concat_parquet([self.shards / f"{n}.tokens.parquet" for n in names], p))
-        n_records = sum(len(json.loads((self.shards / f"{n}.done").read_text())) for n in names)
-        first = summary.iloc[0]
-        meta = {**meta, "n_records": n_records, "n_tokens": int(first["n_tokens"]), "status": "complete"}
-        atomic_write(self.path / "run.json", lambda p: p.write_text(json.dumps(meta, indent=2)))
-        self.lock.release(force=True)  # also a hold left by an interrupted attempt in this process
-        return ProfileResult(summary, meta, self.path)
+def _merge(run: RunDir, meta: dict, keep_tokens: bool) -> ProfileResult:
+    """Merge every finished shard into summary.csv / tokens.parquet and mark the run complete."""
+    summary = summarize(run.read_shards("sums"))
+    run.write(SUMMARY, lambda p: summary.to_csv(p, index=False))
+    if keep_tokens:
+        run.write(TOKENS, lambda p: _concat_parquet(run.shard_files("tokens"), p))
+    meta = run.finish({**meta, "n_records": len(run.finished_ids()), "n_tokens": int(summary.iloc[0]["n_tokens"])})
+    return ProfileResult(summary, meta, run.path)
 
 
 def profile(
@@ -312,8 +275,9 @@ def profile(
         "truncated_tokens": sum(e.truncated for e in examples), "world_size": world, "version": __version__,
         "layer_numbering": "paper: 1..L, 0 = embedding output",
     }
-    run = _RunDir(Path(out_dir)) if out_dir is not None else None
-    done = run.start(meta, list(resume_key(settings, fingerprint)), resume, rank) if run else set()
+    run = RunDir(out_dir) if out_dir is not None else None
+    keys = list(resume_key(settings, fingerprint))
+    done = run.start(meta, keys, resume, rank=rank, describe=describe_change) if run else set()
     pending = [e for e in examples if e.record_id not in done]
     mine = pending[rank::world]
     pad_id = pad_token_id(tokenizer)
@@ -324,7 +288,7 @@ def profile(
     for batch in batched(mine, settings.batch_size):
         sums, tokens, _ = _profile_batch(model, spec, plan, decoders, batch, pad_id, settings, tokenizer)
         if run:
-            run.write_shard([e.record_id for e in batch], sums, tokens)
+            run.write_shard([e.record_id for e in batch], sums=sums, tokens=tokens)
         else:
             all_sums.append(sums)
             all_tokens.append(tokens)
@@ -337,6 +301,6 @@ def profile(
         meta.update(n_records=len(examples), n_tokens=int(summary.iloc[0]["n_tokens"]), status="complete")
         return ProfileResult(summary, meta, _tokens=tokens)
     barrier()
-    result = run.finish(meta, settings.keep_tokens) if rank == 0 else None
+    result = _merge(run, meta, settings.keep_tokens) if rank == 0 else None
     barrier()
     return result if result is not None else load_run(run.path)

@@ -1,36 +1,86 @@
-"""The run folder: the tables a profiling run leaves on disk, guarding the folder, and reading it back.
+"""The run folder: one place for its file names, atomic writes, the lock, run.json, shards, and reading it back.
 
-Figures, stage detection and BuPO's `internal_layer="auto"` read runs through it (pandas only).
-Layers are numbered as in the paper: 1..L, 0 = the embedding output.
+`profile`, `generate` and `branch-points` write their folders through `RunDir`; `stages` and the
+training folder (`bupo.run`) use its atomic writers; figures, stage detection and BuPO's
+`internal_layer="auto"` read runs back through `load_run` (pandas only). Layers are numbered as in
+the paper: 1..L, 0 = the embedding output.
 
 A run folder is written only by the process that holds its lock (`run.lock`, taken with
 `filelock`), and only if it is new, empty, or already a run: `claim_run_dir` refuses a folder
 holding files this tool did not write, so nothing of the user's is ever overwritten or deleted.
-A damaged file of a run (run.json, a shard, a `.done` marker) is an `InputError` naming the file.
+Every file is written to a temporary name and renamed (`atomic_write`), so a killed process never
+leaves a half-written one. Work is split into shards, each finished by a `.done` marker written last;
+a resumed run must use the settings (`keys`) it was started with. A damaged file of a run (run.json,
+a shard, a `.done` marker) is an `InputError` naming the file.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
 from filelock import FileLock, Timeout
 
+from .dist import barrier
 from .errors import InputError, RunBusyError
 
 SUMMARY = "summary.csv"
 TOKENS = "tokens.parquet"
 RUN_JSON = "run.json"
 LOCK = "run.lock"
-GENERATION_SETTINGS = Path("generation") / "settings.json"
+SHARDS = "shards"
+STAGES = "stages.json"
+STEPS = "steps.parquet"
+RESPONSES = "responses.jsonl"
+GENERATION = "generation"
+GENERATION_SETTINGS = Path(GENERATION) / "settings.json"
 SUMMARY_COLUMNS = ("layer", "component", "n_tokens")
 """Columns every summary.csv has, whatever statistics it holds."""
-SHARD_FILE = re.compile(r"[0-9a-f]{16}\.(sums\.parquet|tokens\.parquet|done)(\.tmp)?")
-"""Names of the files a profile writes into `shards/` (a batch's hash, what it holds, `.tmp` while written)."""
+SHARD_FILE = re.compile(r"[0-9a-f]{16}\.([a-z_]+\.parquet|done)(\.tmp)?")
+"""Names of the files a run writes into `shards/` (a batch's hash, what it holds, `.tmp` while written)."""
+SIGNATURES = ((RUN_JSON, "layer_numbering"), (RUN_JSON, "fci"), (GENERATION_SETTINGS, "prompt_ids_sha1"))
+"""(settings file, key it always holds) of each kind of run: a profile, a branch-point run, a generation."""
+
+
+def atomic_write(path: Path, write: Callable[[Path], object]) -> None:
+    """Call `write(tmp)` then rename tmp → path, so `path` is either absent or complete (tmp removed on failure)."""
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        write(tmp)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    os.replace(tmp, path)
+
+
+def write_json(path: Path, data: object) -> None:
+    """Write `data` as indented JSON, atomically."""
+    atomic_write(path, lambda tmp: tmp.write_text(json.dumps(data, indent=2), encoding="utf-8"))
+
+
+def write_jsonl(path: Path, records: Iterable[Mapping]) -> None:
+    """Write one JSON object per line, atomically."""
+    lines = "".join(json.dumps(r) + "\n" for r in records)
+    atomic_write(path, lambda tmp: tmp.write_text(lines, encoding="utf-8"))
+
+
+def check_resume(where: Path, saved: dict, settings: dict, keys: Iterable[str], resume: bool,
+                 describe: Callable[[str, object, object], str] | None = None) -> None:
+    """Refuse to overwrite a started run without `resume`, and to resume it with other `keys` settings
+    (`describe(key, saved, now)` names each difference in the one-line error; default: the key)."""
+    describe = describe or (lambda key, saved, now: key)
+    if not resume:
+        raise InputError(f"{where} already holds a run; pass --resume to continue it or choose another --out")
+    changed = [describe(k, saved.get(k), settings.get(k)) for k in keys if saved.get(k) != settings.get(k)]
+    if changed:
+        raise InputError(f"cannot resume {where}: settings differ from the run there in {'; '.join(changed)}; "
+                         "use the same ones or another --out")
 
 
 def read_json(path: Path, fix: str = "restore it, or start again with another --out") -> object:
@@ -42,8 +92,8 @@ def read_json(path: Path, fix: str = "restore it, or start again with another --
 
 
 def _is_ours(path: Path) -> bool:
-    """Whether a folder holds a profile run or a generation (their settings files carry our keys)."""
-    for name, key in ((RUN_JSON, "layer_numbering"), (GENERATION_SETTINGS, "prompt_ids_sha1")):
+    """Whether a folder holds a run of this tool (one of its settings files carries our key, see SIGNATURES)."""
+    for name, key in SIGNATURES:
         if (path / name).is_file():
             try:
                 saved = json.loads((path / name).read_text(encoding="utf-8"))
@@ -94,24 +144,127 @@ def claim_run_dir(path: str | Path, lock: bool = True) -> FileLock | None:
     return run_lock
 
 
-def finished_ids(shards: Path) -> set[str]:
-    """Record ids of the finished batches: the union of the `.done` markers (lists of ids)."""
-    done: set[str] = set()
-    for marker in shards.glob("*.done"):
-        fix = "delete it, then --resume to recompute that batch"
-        ids = read_json(marker, fix)
-        if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
-            raise InputError(f"{marker} is damaged (not a list of record ids); {fix}")
-        done.update(ids)
-    return done
+class RunDir:
+    """A run folder being written: claimed and locked, its settings checked and written, shards, final tables.
 
+    What `profile`, `branch_points` and `generate` do with it::
 
-def remove_unfinished(shards: Path) -> None:
-    """Delete the shard files of batches that never got their `.done` marker (only names this tool writes)."""
-    for path in shards.iterdir():
-        unfinished = path.name.endswith(".tmp") or not (shards / f"{path.name[:16]}.done").exists()
-        if SHARD_FILE.fullmatch(path.name) and unfinished:
-            path.unlink()
+        run = RunDir(out)
+        done = run.start(meta, keys, resume)       # record ids finished by an earlier attempt
+        run.write_shard(ids, sums=table)           # one per batch, `.done` marker last
+        run.finish(meta)                           # run.json says 'complete'; the lock is released
+
+    Under torch.distributed every rank calls `start` (rank 0 takes the lock and writes the settings).
+    """
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.shards = self.path / SHARDS
+        self.lock: FileLock | None = None
+
+    def start(self, meta: Mapping, keys: Iterable[str], resume: bool, *, rank: int = 0,
+              describe: Callable[[str, object, object], str] | None = None,
+              settings_file: str | Path = RUN_JSON) -> set[str]:
+        """Claim the folder; refuse a started run without `resume` or with other `keys` settings; write `meta`.
+
+        `meta` goes to `settings_file`: run.json (with `"status": "running"`, and the shard files of
+        unfinished batches are removed), or `GENERATION_SETTINGS` for a generation (as given).
+        Returns the record ids of the finished batches.
+        """
+        self.lock = claim_run_dir(self.path, lock=rank == 0)
+        saved = self.path / settings_file
+        if saved.exists():
+            data = read_json(saved)
+            if not isinstance(data, dict):
+                raise InputError(f"{saved} is damaged (not a JSON object); restore it, or start again with "
+                                 "another --out")
+            check_resume(saved.parent, data, dict(meta), keys, resume, describe)
+        barrier()  # every rank has checked before rank 0 writes
+        if rank == 0:
+            saved.parent.mkdir(parents=True, exist_ok=True)
+            run = Path(settings_file) == Path(RUN_JSON)
+            write_json(saved, {**meta, "status": "running"} if run else dict(meta))
+            if run and self.shards.is_dir():
+                self.remove_unfinished()
+        barrier()
+        return self.finished_ids()
+
+    def release(self) -> None:
+        """Release the lock (also a hold left by an interrupted attempt in this process)."""
+        if self.lock is not None:
+            self.lock.release(force=True)
+
+    def finish(self, meta: Mapping) -> dict:
+        """Write run.json with `"status": "complete"` and release the lock; return what was written."""
+        meta = {**meta, "status": "complete"}
+        write_json(self.path / RUN_JSON, meta)
+        self.release()
+        return meta
+
+    def write(self, name: str, write: Callable[[Path], object]) -> Path:
+        """Write the folder's file `name` atomically with `write(tmp)`; return its path."""
+        atomic_write(self.path / name, write)
+        return self.path / name
+
+    def write_shard(self, record_ids: Sequence[str], **tables: pd.DataFrame | None) -> None:
+        """Write one batch: `NAME.KIND.parquet` for each table given, then the `.done` marker (its ids) last."""
+        self.shards.mkdir(parents=True, exist_ok=True)
+        name = hashlib.sha1("\n".join(sorted(record_ids)).encode()).hexdigest()[:16]
+        for kind, table in tables.items():
+            if table is not None:
+                atomic_write(self.shards / f"{name}.{kind}.parquet", lambda p, t=table: t.to_parquet(p, index=False))
+        write_json(self.shards / f"{name}.done", list(record_ids))
+
+    def shard_names(self) -> list[str]:
+        """Names (batch hashes) of the finished batches, sorted."""
+        return sorted(p.name.split(".")[0] for p in self.shards.glob("*.done"))
+
+    def shard_files(self, kind: str) -> list[Path]:
+        """The `kind` parquet file of every finished batch, in `shard_names` order."""
+        return [self.shards / f"{name}.{kind}.parquet" for name in self.shard_names()]
+
+    def read_shards(self, kind: str) -> pd.DataFrame:
+        """The `kind` tables of every finished batch, concatenated."""
+        return pd.concat([read_shard(p).to_pandas() for p in self.shard_files(kind)], ignore_index=True)
+
+    def finished_ids(self) -> set[str]:
+        """Record ids of the finished batches: the union of the `.done` markers (lists of ids)."""
+        done: set[str] = set()
+        for marker in self.shards.glob("*.done"):
+            fix = "delete it, then --resume to recompute that batch"
+            ids = read_json(marker, fix)
+            if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
+                raise InputError(f"{marker} is damaged (not a list of record ids); {fix}")
+            done.update(ids)
+        return done
+
+    def remove_unfinished(self) -> None:
+        """Delete the shard files of batches that never got their `.done` marker (only names this tool writes)."""
+        for path in self.shards.iterdir():
+            unfinished = path.name.endswith(".tmp") or not (self.shards / f"{path.name[:16]}.done").exists()
+            if SHARD_FILE.fullmatch(path.name) and unfinished:
+                path.unlink()
+
+    @property
+    def generation(self) -> Path:
+        """Where `generate` keeps its settings and finished batches (`batch-NNNNNN.jsonl`)."""
+        return self.path / GENERATION
+
+    def write_batch(self, index: int, records: Iterable[Mapping]) -> None:
+        """Write one finished generation batch atomically."""
+        write_jsonl(self.generation / f"batch-{index:06d}.jsonl", records)
+
+    def finished_batches(self) -> dict[int, list[dict]]:
+        """The generation batches already written: {batch index: records}; a damaged one is an InputError."""
+        done = {}
+        for path in sorted(self.generation.glob("batch-[0-9]*.jsonl")):
+            try:
+                done[int(path.stem.removeprefix("batch-"))] = [json.loads(line) for line in
+                                                               path.read_text(encoding="utf-8").splitlines()]
+            except (ValueError, UnicodeDecodeError) as err:  # JSONDecodeError and a bad index are ValueErrors
+                raise InputError(f"{path} is damaged ({err}); delete it and --resume to sample that batch "
+                                 "again") from None
+        return done
 
 
 def read_shard(path: Path):
@@ -138,11 +291,29 @@ class ProfileResult:
     _tokens: pd.DataFrame | None = None
 
     @property
+    def tokens_path(self) -> Path | None:
+        """Where a run on disk keeps its per-token table (the file may be absent: `--no-tokens`)."""
+        return self.out_dir / TOKENS if self.out_dir is not None else None
+
+    @property
     def tokens(self) -> pd.DataFrame | None:
-        path = self.out_dir / TOKENS if self.out_dir is not None else None
+        """The per-token table (None without one), read from disk on first access."""
+        path = self.tokens_path
         if self._tokens is None and path is not None and path.exists():
             self._tokens = pd.read_parquet(path)
         return self._tokens
+
+
+def read_meta(path: Path, command: str) -> dict:
+    """run.json of a finished run (empty if absent); one still marked running is refused (`command` resumes it)."""
+    meta = read_json(path / RUN_JSON) if (path / RUN_JSON).is_file() else {}
+    if not isinstance(meta, dict):
+        raise InputError(f"{path / RUN_JSON} is damaged (not a JSON object); restore it or run {command} again")
+    if meta.get("status") == "running":
+        raise InputError(f"{path} is a run that is still running or was interrupted (run.json says 'running'); "
+                         f"wait for it, or finish it with the same `internal-policy {command} ... --out {path} "
+                         "--resume`")
+    return meta
 
 
 def load_run(run_dir: str | Path) -> ProfileResult:
@@ -150,12 +321,7 @@ def load_run(run_dir: str | Path) -> ProfileResult:
     path = Path(run_dir)
     if not (path / SUMMARY).is_file():
         raise InputError(f"{path} holds no finished run (no summary.csv); run `internal-policy profile --out {path}`")
-    meta = read_json(path / RUN_JSON) if (path / RUN_JSON).is_file() else {}
-    if not isinstance(meta, dict):
-        raise InputError(f"{path / RUN_JSON} is damaged (not a JSON object); restore it or profile again")
-    if meta.get("status") == "running":
-        raise InputError(f"{path} is a run that is still running or was interrupted (run.json says 'running'); "
-                         f"wait for it, or finish it with the same `internal-policy profile ... --out {path} --resume`")
+    meta = read_meta(path, "profile")
     try:
         summary = pd.read_csv(path / SUMMARY)
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:

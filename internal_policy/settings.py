@@ -167,6 +167,7 @@ def records_digest(examples) -> str:
 
 
 def text_digest(text: str | None) -> str | None:
+    """SHA-256 of a text (a chat template), None for none."""
     return None if text is None else _sha256([text.encode()])
 
 

@@ -96,6 +96,7 @@ class RowHolder:
         self._last: dict[str, torch.Tensor] = {}
 
     def __call__(self, layer: int, component: str, x: torch.Tensor | None, alias: Site | None) -> None:
+        """Keep the kept positions' rows of a captured tensor (an alias repeats its source's rows)."""
         if alias is not None:
             self._last[component] = self._last[alias[1]]
             return

@@ -29,7 +29,6 @@ a truncated policy and never just π_θ without its final norm:
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Sequence
@@ -38,11 +37,10 @@ import numpy as np
 import pandas as pd
 
 from .errors import InputError
-from .runs import load_run, read_json
+from .runs import STAGES, load_run, read_json, write_json
 
 STAGE_NAMES = ("exploration", "integration", "convergence")
 _TARGET = {"exploration": 1, "integration": 0, "convergence": -1}
-STAGES_FILE = "stages.json"
 
 
 @dataclass(frozen=True)
@@ -224,9 +222,9 @@ def boundary_layer(summary: pd.DataFrame, **params: float) -> int:
 def write_stages(path: str | Path, stages: Stages) -> Path:
     """Store `stages` as JSON at `path` (a run folder means RUN_DIR/stages.json); return the file written."""
     path = Path(path)
-    path = path / STAGES_FILE if path.is_dir() else path
+    path = path / STAGES if path.is_dir() else path
     try:
-        path.write_text(json.dumps(stages.to_dict(), indent=2) + "\n")
+        write_json(path, stages.to_dict())
     except OSError as err:
         message = f"cannot write {path} ({err.strerror}); pass --out FILE to write the stages elsewhere"
         raise InputError(message) from None
@@ -240,7 +238,7 @@ def run_stages(run_dir: str | Path) -> Stages:
     """
     run_dir = Path(run_dir)
     delta = tuple(ffn_delta(load_run(run_dir).summary).to_list())
-    path = run_dir / STAGES_FILE
+    path = run_dir / STAGES
     params: dict[str, float] = {}
     if path.is_file():
         stored = _read_stages(path)

@@ -102,9 +102,11 @@ class Rows:
 
     @property
     def lse(self) -> torch.Tensor:
+        """log Σ_v e^{z_v} per row."""
         return self.m + self.s.log()
 
     def expand(self, ref_values: torch.Tensor) -> torch.Tensor:
+        """Per-token reference values [T, ...] repeated for every group of our rows [G·T, ...]."""
         groups = self.m.shape[0] // ref_values.shape[0]
         return ref_values.repeat(groups, *([1] * (ref_values.dim() - 1)))
 
@@ -133,6 +135,7 @@ class Statistic:
         return (self.name,)
 
     def start(self, rows: int, device: torch.device) -> dict:
+        """The per-row state before the first chunk (a dict of tensors, updated in place)."""
         return {}
 
     def before(self, state: dict, c: Chunk) -> None:
@@ -142,6 +145,7 @@ class Statistic:
         """Shifted logits `c.z` and exponentials `c.e` of the chunk."""
 
     def finish(self, state: dict, r: Rows) -> dict[str, torch.Tensor]:
+        """The per-token columns of this statistic from the state and the final `Rows`."""
         raise NotImplementedError
 
 
@@ -154,12 +158,15 @@ class Entropy(Statistic):
     label: ClassVar[str] = "entropy (nats)"
 
     def start(self, rows, device):
+        """u = 0 per row."""
         return {"u": torch.zeros(rows, device=device)}
 
     def after(self, state, c):
+        """Rescale u to the new running max and add this chunk's Σ e^{z−m}(z−m)."""
         state["u"] = c.r * (state["u"] + c.delta * c.s_old) + c.rowsum(torch.mul, c.e, c.z)
 
     def finish(self, state, r):
+        """H = log s − u/s."""
         return {self.name: r.s.log() - state["u"] / r.s}
 
 
@@ -181,22 +188,27 @@ class Renyi(Statistic):
 
     @property
     def name(self) -> str:
+        """The column name: `renyi<α>`."""
         return f"renyi{_order_name(self.alpha)}"
 
     @property
     def label(self) -> str:
+        """The axis label with its order α."""
         return f"Rényi entropy, α = {_order_name(self.alpha)} (nats)"
 
     def start(self, rows, device):
+        """q = 0 per row (none for α = inf, read from s alone)."""
         return {} if math.isinf(self.alpha) else {"q": torch.zeros(rows, device=device)}
 
     def after(self, state, c):
+        """Rescale q by e^{αδ} and add this chunk's Σ e^{α(z−m)}."""
         if math.isinf(self.alpha):
             return
         powered = c.rowsum(torch.mul, c.e, c.e) if self.alpha == 2 else c.rowsum(torch.pow, c.e, self.alpha)
         state["q"] = c.r.pow(self.alpha) * state["q"] + powered
 
     def finish(self, state, r):
+        """(α·log s − log q)/(α − 1); log s for α = inf."""
         if math.isinf(self.alpha):
             return {self.name: r.s.log()}
         return {self.name: (self.alpha * r.s.log() - state["q"].log()) / (self.alpha - 1)}
@@ -211,6 +223,7 @@ class NLL(Statistic):
     label: ClassVar[str] = "NLL of the next token (nats)"
 
     def finish(self, state, r):
+        """lse − z_y, NaN where the row has no next token."""
         return {self.name: r.where_target(r.lse - r.zy)}
 
 
@@ -223,9 +236,11 @@ class Rank(Statistic):
     label: ClassVar[str] = "rank of the next token"
 
     def start(self, rows, device):
+        """A zero count per row of the logits above the target's."""
         return {"n": torch.zeros(rows, dtype=torch.long, device=device)}
 
     def before(self, state, c):
+        """Count this chunk's logits strictly above z_y (the target's own column excluded)."""
         above = torch.sub(c.z, c.zy[:, None], out=c.buffer(c.z.shape)).gt_(0)  # z_v − z_y > 0 ⇔ z_v > z_y exactly
         state["n"] += above.sum(1).long()
         local = c.y - c.start
@@ -234,6 +249,7 @@ class Rank(Statistic):
         state["n"] -= (inside & own).long()
 
     def finish(self, state, r):
+        """1 + the count, NaN where the row has no next token."""
         return {self.name: r.where_target(1 + state["n"].float())}
 
 
@@ -245,15 +261,18 @@ class ArgMax(Statistic):
     needs_argmax: ClassVar[bool] = True
 
     def start(self, rows, device):
+        """Best value so far −inf and its index 0 per row."""
         return {"v": torch.full((rows,), -math.inf, device=device), "i": torch.zeros(rows, dtype=torch.long,
                                                                                       device=device)}
 
     def before(self, state, c):
+        """Keep this chunk's peak where it beats the best so far (earlier chunks win ties)."""
         better = c.peak > state["v"]
         state["v"] = torch.where(better, c.peak, state["v"])
         state["i"] = torch.where(better, c.arg + c.start, state["i"])
 
     def finish(self, state, r):
+        """The index of the largest logit."""
         return {self.name: state["i"]}
 
 
@@ -268,6 +287,7 @@ class Top1Agree(ArgMax):
     label: ClassVar[str] = "top-1 agreement with the output"
 
     def finish(self, state, r):
+        """1.0 where this row's argmax equals the output's argmax at the same token, else 0.0."""
         return {self.name: (state["i"] == r.expand(r.ref_values["argmax"])).float()}
 
 
@@ -283,9 +303,11 @@ class KLOut(Statistic):
     label: ClassVar[str] = "KL(p_out ‖ p) (nats)"
 
     def start(self, rows, device):
+        """A = 0 per row, in float64."""
         return {"a": torch.zeros(rows, dtype=torch.float64, device=device)}
 
     def after(self, state, c):
+        """Rescale A to both new running maxima and add this chunk's Σ e_out·((z_out−a) − (z−b))."""
         o = c.ref
         if "ez" not in o.cache:  # Σ e_out·(z_out − a) per token, shared by every site of the chunk
             o.cache["ez"] = c.rowsum(torch.mul, o.e, o.z)
@@ -297,6 +319,7 @@ class KLOut(Statistic):
         state["a"] = delta_out.exp() * (state["a"] + moved) + (c.expand(o.cache["ez"]) - cross)
 
     def finish(self, state, r):
+        """KL = A/s_out − log s_out + log s."""
         s_out = r.expand(r.ref.s).double()
         return {self.name: (state["a"] / s_out - s_out.log() + r.s.double().log()).float()}
 
@@ -315,12 +338,15 @@ class TopK(Statistic):
 
     @property
     def columns(self) -> tuple[str, ...]:
+        """Two columns: the top-k token ids and their probabilities."""
         return ("topk_ids", "topk_probs")
 
     def start(self, rows, device):
+        """No state before the first chunk."""
         return {}
 
     def before(self, state, c):
+        """Merge this chunk's k largest logits with the best k so far."""
         values, index = c.z.topk(min(self.k, c.z.shape[1]), dim=1)
         if state:
             values = torch.cat([state["v"], values], dim=1)
@@ -332,6 +358,7 @@ class TopK(Statistic):
         state["v"], state["i"] = values, index
 
     def finish(self, state, r):
+        """The ids and probabilities e^{z − lse} of the k largest logits."""
         return {"topk_ids": state["i"], "topk_probs": (state["v"] - r.lse[:, None]).exp()}
 
 
@@ -422,6 +449,7 @@ class Online:
         return c
 
     def finish(self) -> tuple[Rows, dict[str, torch.Tensor]]:
+        """Finish the reference first, then every statistic: (final Rows, {column: values})."""
         ref_rows, ref_values = self.ref.finish() if self.ref is not None else (None, {})
         rows = Rows(self.m, self.s, self.y, self.zy, ref_rows, ref_values)
         values: dict[str, torch.Tensor] = {}

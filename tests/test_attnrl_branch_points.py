@@ -8,13 +8,16 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from filelock import FileLock, Timeout
 
 from internal_policy import branch_points
 from internal_policy.attnrl import analysis
+from internal_policy.attnrl.analysis import load_branch_points
 from internal_policy.attnrl.fci import fci_from_attentions
 from internal_policy.attnrl.select import select_attn
 from internal_policy.attnrl.steps import Steps
 from internal_policy.cli import main
+from internal_policy.errors import InputError, RunBusyError
 
 RECORDS = [
     {"id": "park", "prompt": "Once upon a time, there was a little girl.",
@@ -90,6 +93,45 @@ def test_interrupted_run_resumes_to_the_same_rows(stories, tmp_path, monkeypatch
     resumed = branch_points(model, tokenizer, RECORDS, out_dir=tmp_path / "run", resume=True, **settings)
     pd.testing.assert_frame_equal(resumed.steps, whole)
     assert len(scored) == 2  # only the records the killed run had not finished
+
+
+def test_the_run_folder_is_guarded_like_a_profile_run(stories, tmp_path, monkeypatch):
+    """A foreign folder is refused untouched, the lock keeps a second process out and is held while scoring,
+    and a run left 'running' cannot be read back."""
+    model, tokenizer = stories
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "run.json").write_text('{"status": "complete"}')  # a run.json this tool did not write
+    (mine / "notes.txt").write_text("mine")
+    with pytest.raises(InputError, match=r"mine is a folder that is not a run and is not empty"):
+        branch_points(model, tokenizer, RECORDS, out_dir=mine, resume=True, **SETTINGS)
+    assert {p.name: p.read_text() for p in mine.iterdir()} == {"run.json": '{"status": "complete"}',
+                                                                "notes.txt": "mine"}
+    out = tmp_path / "run"
+    out.mkdir()
+    with FileLock(out / "run.lock").acquire(timeout=0):  # another holder stands for another process
+        with pytest.raises(RunBusyError, match="in use by another internal-policy process"):
+            branch_points(model, tokenizer, RECORDS, out_dir=out, **SETTINGS)
+    assert [p.name for p in out.iterdir()] == ["run.lock"]
+    held, real = [], analysis._batch_rows
+
+    def probe(*args, **kwargs):
+        try:
+            FileLock(out / "run.lock").acquire(timeout=0).lock.release()
+            held.append(False)
+        except Timeout:
+            held.append(True)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(analysis, "_batch_rows", probe)
+    done = branch_points(model, tokenizer, RECORDS, out_dir=out, **SETTINGS)
+    assert held == [True, True]  # two batches, both scored under the lock
+    FileLock(out / "run.lock").acquire(timeout=0).lock.release()  # free afterwards
+    pd.testing.assert_frame_equal(load_branch_points(out).steps, done.steps)
+    meta = json.loads((out / "run.json").read_text())
+    (out / "run.json").write_text(json.dumps({**meta, "status": "running"}))
+    with pytest.raises(InputError, match="still running or was interrupted.*branch-points .*--resume"):
+        load_branch_points(out)
 
 
 def test_cli_writes_steps_run_json_and_figures(tmp_path, capsys):

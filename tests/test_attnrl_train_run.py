@@ -8,7 +8,7 @@ import json
 import pandas as pd
 import pytest
 import torch
-from helpers_bupo import PROMPTS, Killed, KillAt, easy_or_parity_reward
+from helpers_bupo import PROMPTS, KillAt, Killed, easy_or_parity_reward
 
 from internal_policy.cli import main
 from internal_policy.errors import InputError

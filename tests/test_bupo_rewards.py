@@ -7,7 +7,12 @@ import logging
 import pytest
 
 from internal_policy.bupo.rewards import (
-    check_answer, last_boxed, length_window_reward, math_reward, reward_by_name, target_word_reward,
+    check_answer,
+    last_boxed,
+    length_window_reward,
+    math_reward,
+    reward_by_name,
+    target_word_reward,
 )
 from internal_policy.errors import InputError
 

@@ -7,7 +7,7 @@ import json
 import pandas as pd
 import pytest
 import torch
-from helpers_bupo import PROMPTS, Killed, KillAt, config, length_reward
+from helpers_bupo import PROMPTS, KillAt, Killed, config, length_reward
 
 from internal_policy.bupo.run import train
 from internal_policy.errors import InputError

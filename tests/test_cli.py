@@ -2,7 +2,6 @@
 
 import json
 import re
-
 import shutil
 
 import pandas as pd
@@ -28,7 +27,8 @@ def test_profile_default_run_writes_tables(tmp_path, capsys):
     tokens = pd.read_parquet(out / "tokens.parquet")
     assert {"record_id", "position", "token_id", "token", "layer", "component", "entropy"} <= set(tokens)
     meta = json.loads((out / "run.json").read_text())
-    assert meta["n_records"] == 10 and meta["n_tokens"] == summary["n_tokens"].iloc[0] == tokens.query("layer == 0").shape[0]
+    assert meta["n_records"] == 10
+    assert meta["n_tokens"] == summary["n_tokens"].iloc[0] == tokens.query("layer == 0").shape[0]
     assert meta["status"] == "complete" and meta["final_norm"] is False
     assert str(out / "summary.csv") in capsys.readouterr().out
 
@@ -40,7 +40,8 @@ def test_profile_default_run_writes_tables(tmp_path, capsys):
         ([{"text": "A cat."}, "{not json", {"text": "B"}], [], r":2: not valid JSON"),
         ([{"text": "A cat."}, {"text": "  "}], [], r"record 1 \(line 2\): 'text' is empty"),
         ([{"prompt": "A cat", "response": ""}], [], r"record 0 \(line 1\): the response is empty"),
-        ([{"question": "x"}], [], r"line 1: no 'text', 'prompt', 'messages' or 'prompt_ids' field \(fields: \['question'\]\)"),
+        ([{"question": "x"}], [],
+         r"line 1: no 'text', 'prompt', 'messages' or 'prompt_ids' field \(fields: \['question'\]\)"),
         ([{"prompt": "A cat"}], [], "has a prompt but no response; pass --generate"),
         ([{"text": "A cat."}], ["--generate", "--max-new-tokens", "0"], "max_new_tokens >= 1"),
         ([{"text": "A cat."}], ["--generate"], r"record 0 \(line 1\): needs a prompt \('prompt' or 'messages'\)"),
@@ -201,9 +202,10 @@ def test_resume_refuses_anything_that_changes_the_numbers(tmp_path, capsys, chan
     first, second, what = RESUME_CHANGES[change]
     paths = {
         "other": _jsonl(tmp_path / "other.jsonl", [{"id": "a", "text": "A dog ran."}, {"id": "c", "text": "Hi."}]),
-        "edited": _jsonl(tmp_path / "edited.jsonl", [{"id": "a", "text": "A cat sat down."}, {"id": "b", "text": "Sun."}]),
-        "chat": _jsonl(tmp_path / "chat.jsonl", [{"id": "q", "messages": [{"role": "user", "content": "Hi"},
-                                                                          {"role": "assistant", "content": "A cat."}]}]),
+        "edited": _jsonl(tmp_path / "edited.jsonl",
+                         [{"id": "a", "text": "A cat sat down."}, {"id": "b", "text": "Sun."}]),
+        "chat": _jsonl(tmp_path / "chat.jsonl", [{"id": "q", "messages": [
+            {"role": "user", "content": "Hi"}, {"role": "assistant", "content": "A cat."}]}]),
         "template": tmp_path / "t1.jinja", "template2": tmp_path / "t2.jinja", "model": tmp_path / "model",
     }
     paths["template"].write_text("{% for m in messages %}{{ m['content'] }}\n{% endfor %}")
@@ -243,3 +245,48 @@ def test_components_without_layer_plot_skips_the_heatmap(tmp_path, capsys):
     code = main(["profile", "--input", str(source), "--out", str(out), "--quiet", "--components", "ffn", "--plot"])
     assert code == 0, capsys.readouterr().err
     assert not (out / "figures" / "heatmap.png").exists()
+
+
+def test_choice_lists_and_shared_options_come_from_the_package_constants():
+    import argparse
+    import importlib
+
+    from internal_policy.bupo.config import METHODS
+    from internal_policy.bupo.rewards import SCORERS
+    from internal_policy.cli import COMMANDS
+    from internal_policy.cli.train import build_parser
+    from internal_policy.generate import ENGINES
+    from internal_policy.models import DTYPES
+    from internal_policy.plot import KINDS
+
+    sub = argparse.ArgumentParser().add_subparsers()
+    for name in COMMANDS:
+        importlib.import_module(f"internal_policy.cli.{name}").register(sub)
+    option = {name: parser._option_string_actions for name, parser in sub.choices.items()}
+    option["train"] = build_parser()._option_string_actions
+    assert option["plot"]["--kind"].choices == (*KINDS, "all")
+    assert tuple(option["train"]["--method"].choices) == METHODS
+    assert option["evaluate"]["--scorer"].choices == tuple(SCORERS)
+    for command in ("profile", "branch-points"):
+        assert option[command]["--engine"].choices == ENGINES
+    for command in ("profile", "branch-points", "evaluate", "train"):
+        assert option[command]["--dtype"].default == "auto"
+        assert option[command]["--dtype"].help.startswith(", ".join(DTYPES) + "; auto: ")
+        assert option[command]["--model"].help == option["profile"]["--model"].help
+    for command in ("profile", "branch-points"):
+        assert "checkpoint's own dtype" in option[command]["--dtype"].help
+
+
+def test_profile_dtype_auto_keeps_the_checkpoints_dtype(tmp_path, capsys):
+    from internal_policy.models import load_model
+
+    model, tokenizer = load_model()
+    folder = tmp_path / "bf16"
+    model.to(torch.bfloat16).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    records = _jsonl(tmp_path / "in.jsonl", [{"text": "A cat sat on the mat."}])
+    for dtype, expected in (("auto", "bfloat16"), ("float32", "float32")):
+        out = tmp_path / dtype
+        assert main(["profile", "--model", str(folder), "--input", str(records), "--out", str(out), "--quiet",
+                     "--dtype", dtype, "--no-tokens", "--components", "layer"]) == 0
+        assert json.loads((out / "run.json").read_text())["dtype"] == expected

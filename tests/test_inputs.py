@@ -85,7 +85,8 @@ def test_llama3_response_span_has_one_bos_and_no_eot():
     tok = word_tokenizer(LLAMA3, LLAMA3_TEMPLATE, bos="<|begin_of_text|>")
     prompt = ids(tok, ["<|begin_of_text|>",
                        "<|start_header_id|>", "system", "<|end_header_id|>", "\n", "\n", "Be", "brief.", "<|eot_id|>",
-                       "<|start_header_id|>", "user", "<|end_header_id|>", "\n", "\n", "What", "is", "2+2?", "<|eot_id|>",
+                       "<|start_header_id|>", "user", "<|end_header_id|>", "\n", "\n", "What", "is", "2+2?",
+                       "<|eot_id|>",
                        "<|start_header_id|>", "assistant", "<|end_header_id|>", "\n", "\n"])
     record = {"messages": [*MESSAGES, {"role": "assistant", "content": REPLY}]}
     check_span(tokenize_record(record, tok, 0), prompt, ids(tok, ["It", "is", "4."]))

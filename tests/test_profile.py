@@ -7,13 +7,13 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-
 from helpers_stats import check_stats, reference_stats
+
 from internal_policy.data import tokenize_records
 from internal_policy.entropy import Decoder
+from internal_policy.errors import InputError
 from internal_policy.lens_bridge import boot_bridge, extract_with_bridge
 from internal_policy.models import default_model_path, describe
-from internal_policy.errors import InputError
 from internal_policy.profile import load_run, profile
 
 RECORDS = [
@@ -51,15 +51,20 @@ def _cos64(a, b):
 def hf_hook_sites(model, ids):
     """Plain HF forward hooks on a Llama-layout model (independent of internal_policy.capture)."""
     sites, layers = {}, model.model.layers
-    hooks = [layers[0].register_forward_pre_hook(lambda m, a, k: sites.__setitem__((0, "layer"), (a or [k["hidden_states"]])[0]), with_kwargs=True)]
+    def embedding(module, args, kwargs):
+        sites[(0, "layer")] = (args or [kwargs["hidden_states"]])[0]
+
+    hooks = [layers[0].register_forward_pre_hook(embedding, with_kwargs=True)]
     for i, blk in enumerate(layers):
         l = i + 1
         hooks += [
             blk.input_layernorm.register_forward_hook(lambda m, a, o, l=l: sites.__setitem__((l, "attn_in"), o)),
             blk.self_attn.register_forward_hook(lambda m, a, o, l=l: sites.__setitem__((l, "attn"), o[0])),
-            blk.post_attention_layernorm.register_forward_hook(lambda m, a, o, l=l: sites.__setitem__((l, "ffn_in"), o)),
+            blk.post_attention_layernorm.register_forward_hook(
+                lambda m, a, o, l=l: sites.__setitem__((l, "ffn_in"), o)),
             blk.mlp.register_forward_hook(lambda m, a, o, l=l: sites.__setitem__((l, "ffn"), o)),
-            blk.register_forward_hook(lambda m, a, o, l=l: sites.__setitem__((l, "layer"), o[0] if isinstance(o, tuple) else o)),
+            blk.register_forward_hook(
+                lambda m, a, o, l=l: sites.__setitem__((l, "layer"), o[0] if isinstance(o, tuple) else o)),
         ]
     with torch.no_grad():
         model(ids)
@@ -258,14 +263,16 @@ def test_token_sample_is_a_subset_with_standard_errors(stories):
     full = profile(model, tok, RECORDS, progress=False)
     half = profile(model, tok, RECORDS, token_sample=0.5, seed=3, progress=False)
     assert half.meta["n_tokens"] < full.meta["n_tokens"]
-    assert_tokens_match(half.tokens, full.tokens[full.tokens.set_index(KEY).index.isin(half.tokens.set_index(KEY).index)])
+    kept = full.tokens.set_index(KEY).index.isin(half.tokens.set_index(KEY).index)
+    assert_tokens_match(half.tokens, full.tokens[kept])
     s = half.summary
     np.testing.assert_allclose(s["entropy_se"], s["entropy_std"] / np.sqrt(s["n_tokens"]))
 
 
 def test_interrupted_run_resumes_to_identical_results(stories, tmp_path, monkeypatch):
     model, tok = stories
-    records = [{"id": f"r{i}", "text": r.get("text", "Once upon a time") + f" Day {i}."} for i, r in enumerate(RECORDS * 2)]
+    records = [{"id": f"r{i}", "text": r.get("text", "Once upon a time") + f" Day {i}."}
+               for i, r in enumerate(RECORDS * 2)]
     whole = profile(model, tok, records, batch_size=2, out_dir=tmp_path / "whole", progress=False)
 
     calls = {"n": 0}
@@ -348,7 +355,8 @@ def test_hidden_budget_splits_forwards_without_changing_results(stories, monkeyp
     whole = profile(model, tok, RECORDS, batch_size=5, progress=False, **STATS)
     forwards = []
     real = profile_module.decode
-    monkeypatch.setattr(profile_module, "decode", lambda *a, **k: (forwards.append(len(k["targets"])), real(*a, **k))[1])
+    monkeypatch.setattr(profile_module, "decode",
+                        lambda *a, **k: (forwards.append(len(k["targets"])), real(*a, **k))[1])
     per_token = (1 + 4 * describe(model).n_layers + 1) * describe(model).d_model * 4  # direct sites + output, fp32
     split = profile(model, tok, RECORDS, batch_size=5, hidden_budget_mb=6 * per_token / 2**20, progress=False, **STATS)
     assert max(forwards) == 6 and sum(forwards) == whole.meta["n_tokens"] and len(forwards) >= 10

@@ -14,10 +14,11 @@ from filelock import FileLock, Timeout
 from internal_policy.cli import main
 from internal_policy.errors import InputError, RunBusyError
 from internal_policy.generate import _HFSampler
-from internal_policy.runs import claim_run_dir
+from internal_policy.runs import RunDir, claim_run_dir
 from internal_policy.stages import run_boundary_layer
 
-profile_module = importlib.import_module("internal_policy.profile")  # the module (the package exports a function of that name)
+# the module (the package exports a function of that name)
+profile_module = importlib.import_module("internal_policy.profile")
 
 RECORDS = [{"id": "a", "text": "A cat sat on the mat."}, {"id": "b", "text": "Lily had a red ball."},
            {"id": "c", "text": "Tom ran to the big tree."}]
@@ -208,3 +209,31 @@ def test_damaged_files_on_resume_are_named_and_lose_nothing(interrupted, capsys,
         marker.unlink()
         assert main(argv + ["--resume"]) == 0
         assert json.loads((out / "run.json").read_text())["n_records"] == len(RECORDS)
+
+
+OURS = {"layer_numbering": "paper"}
+
+
+def test_run_dir_round_trip(tmp_path):
+    """RunDir on its own: shards with markers, finished ids, run.json status, the lock released by finish."""
+    path = tmp_path / "run"
+    run = RunDir(path)
+    # without a signature key (runs.SIGNATURES) a run.json is not this tool's: the folder would be refused
+    assert run.start({"a": 1, "b": 2, **OURS}, ["a"], resume=False) == set()
+    assert json.loads((path / "run.json").read_text()) == {"a": 1, "b": 2, **OURS, "status": "running"}
+    with pytest.raises(Timeout):
+        FileLock(path / "run.lock").acquire(timeout=0)  # held while the run writes
+    run.write_shard(["x", "y"], sums=pd.DataFrame({"v": [1.0, 2.0]}), tokens=None)
+    run.write_shard(["z"], sums=pd.DataFrame({"v": [3.0]}))
+    assert run.finished_ids() == {"x", "y", "z"} and len(run.shard_names()) == 2
+    assert not list(path.glob("shards/*.tokens.parquet"))  # a table given as None is not written
+    assert sorted(run.read_shards("sums")["v"]) == [1.0, 2.0, 3.0]
+    assert run.finish({"a": 1, "b": 2, **OURS})["status"] == "complete"
+    FileLock(path / "run.lock").acquire(timeout=0).lock.release()  # released while `run` still exists
+    again = RunDir(path)
+    with pytest.raises(InputError, match="already holds a run; pass --resume"):
+        again.start({"a": 1, "b": 2, **OURS}, ["a"], resume=False)
+    with pytest.raises(InputError, match=r"settings differ from the run there in a: 1 -> 5"):
+        again.start({"a": 5, "b": 2, **OURS}, ["a"], resume=True, describe=lambda k, old, new: f"{k}: {old} -> {new}")
+    assert again.start({"a": 1, "b": 9, **OURS}, ["a"], resume=True) == {"x", "y", "z"}  # b is not a resume key
+    again.release()

@@ -103,7 +103,9 @@ def test_properties(shape, vocab_chunk, spread, seed):
 @given(st.integers(2, 3000))
 @settings(max_examples=15, deadline=None)
 def test_uniform_logits(v):
-    """All logits equal: every entropy is ln|V|, KL to a uniform output 0, rank 1 for any target (no logit is larger)."""
+    """All logits equal: every entropy is ln|V|, KL to a uniform output 0, rank 1 for any target.
+
+    (No logit is larger than the target's.)"""
     dec = Decoder(torch.randn(v, 8), vocab_chunk=333)
     s = dec.statistics(torch.zeros(3, 8), ALL, targets=torch.tensor([0, v - 1, -1]), reference=(dec, torch.zeros(3, 8)))
     for name in ("entropy", "renyi0.5", "renyi2", "renyiinf"):

@@ -1,5 +1,5 @@
-"""AttnRL ("Attention as a Compass", arXiv 2509.26628): attention-guided branch points, as the project's
-attnrl-spec.md states them from the public code (RyanLiu112/AttnRL).
+"""AttnRL ("Attention as a Compass", arXiv 2509.26628): attention-guided branch points, as the published code
+(github.com/RyanLiu112/AttnRL) computes them.
 
 - `steps`: reasoning steps of a prompt + response (separator rule);
 - `fci`: Forward Context Influence of each step from one query-chunked eager-attention pass;
@@ -26,7 +26,8 @@ from .tree import BranchPrefix, Continuation, Leaf, branch_prefixes, tree_advant
 _LAZY = {"AttnRLConfig": "config", "AttnRLTrainer": "trainer"}
 
 __all__ = [
-    "AttnRLConfig", "AttnRLTrainer", "SELECTORS", "SEPARATORS", "THINK_END", "BranchPoints", "BranchPrefix", "Continuation", "Leaf", "RunningMean",
+    "AttnRLConfig", "AttnRLTrainer", "SELECTORS", "SEPARATORS", "THINK_END", "BranchPoints", "BranchPrefix",
+    "Continuation", "Leaf", "RunningMean",
     "StepAttention", "Steps", "branch_budget", "branch_points", "branch_prefixes", "fci_from_attentions",
     "load_branch_points", "next_prompt_batch", "plan_branching",
     "select_attn", "select_entropy", "select_random", "sequence_steps", "split_steps",

@@ -7,16 +7,16 @@ picks the branch points with the published rule (`select.select_attn`). The resu
 (record, step): `record_id`, `step` (0 = the prompt), `start`, `end` (token positions in prompt +
 response, end exclusive), `fci`, `selected`, `text`.
 
-With `out_dir` the run is written as it goes: `run.json` (settings, counts, status), `shards/` (one
-parquet per finished batch, written atomically, so a killed run leaves only whole shards) and, at the
-end, `steps.parquet`. `resume=True` skips the records already in a shard and refuses settings that
-would change the numbers. Single process (no torchrun split: one forward per batch is the whole cost).
+With `out_dir` the run is written as it goes, through `runs.RunDir` like a profile run (a folder
+that is not a run is refused, a lock keeps a second process out): `run.json` (settings, counts,
+status), `shards/` (one parquet per finished batch and its `.done` marker, written atomically, so a
+killed run leaves only whole shards) and, at the end, `steps.parquet`. `resume=True` skips the
+records already in a finished shard and refuses settings that would change the numbers. Single
+process (no torchrun split: one forward per batch is the whole cost).
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -29,15 +29,13 @@ from tqdm.auto import tqdm
 
 from .. import __version__
 from ..data import Example, batched, pad_batch, record_id, tokenize_records
-from ..dist import atomic_write, check_resume
 from ..errors import InputError
 from ..models import context_length, pad_token_id
+from ..runs import STEPS, RunDir, read_meta
 from .fci import CHUNK_ELEMENTS, attention_modules, check_delta, step_fci
 from .select import check_selection, select_attn
 from .steps import SEPARATORS, THINK_END, Steps, sequence_steps, token_texts
 
-STEPS = "steps.parquet"
-RUN_JSON = "run.json"
 SETTINGS = ("model", "delta", "quantile", "points", "min_distance", "min_start", "separators", "think_end",
             "chat", "truncate")
 """run.json keys that must match for `resume` to continue a run."""
@@ -102,19 +100,6 @@ def _batch_rows(model, tokenizer, batch: list[tuple[Example, Steps]], pad_id: in
     return pd.concat(frames, ignore_index=True)
 
 
-def _start_run(path: Path, meta: dict, resume: bool) -> set[str]:
-    """Check/write run.json; return the record ids already in a finished shard."""
-    run_json = path / RUN_JSON
-    if run_json.exists():
-        check_resume(path, json.loads(run_json.read_text()), meta, SETTINGS, resume)
-    (path / "shards").mkdir(parents=True, exist_ok=True)
-    atomic_write(run_json, lambda p: p.write_text(json.dumps({**meta, "status": "running"}, indent=2)))
-    done: set[str] = set()
-    for shard in (path / "shards").glob("*.parquet"):
-        done |= set(pd.read_parquet(shard, columns=["record_id"])["record_id"].astype(str))
-    return done
-
-
 def branch_points(
     model: torch.nn.Module,
     tokenizer,
@@ -138,7 +123,7 @@ def branch_points(
 ) -> BranchPoints:
     """Steps, FCI and AttnRL branch points of prompt/response `records` (see module docstring).
 
-    `separators` are tried in order (attnrl-spec §1); `think_end` (None to disable) silences the steps
+    `separators` are tried in order (as in the published code); `think_end` (None to disable) silences the steps
     after a thinking model's `</think>`; `chunk_elements` bounds one query block of attention
     probabilities. Settings are checked before the model runs, and every record's steps before the
     first forward, so a bad record costs nothing.
@@ -166,8 +151,8 @@ def branch_points(
         "truncated_tokens": sum(e.truncated for e, _ in scored), "version": __version__,
         "fci": "y_k = max over layers, heads of sum_{j >= k+delta} alpha[j, k]; y_0 = y_1 = 0",
     }
-    path = Path(out_dir) if out_dir is not None else None
-    done = _start_run(path, meta, resume) if path else set()
+    run = RunDir(out_dir) if out_dir is not None else None
+    done = run.start(meta, SETTINGS, resume) if run else set()
     pending = [(e, s) for e, s in scored if e.record_id not in done]
     pad_id = pad_token_id(tokenizer)
     frames = []
@@ -178,16 +163,15 @@ def branch_points(
     for batch in batched([e for e, _ in pending], batch_size):
         rows = _batch_rows(model, tokenizer, [(e, steps_of[e.record_id]) for e in batch], pad_id, settings,
                            chunk_elements)
-        if path:
-            name = hashlib.sha1("\n".join(sorted(e.record_id for e in batch)).encode()).hexdigest()[:16]
-            atomic_write(path / "shards" / f"{name}.parquet", lambda p, rows=rows: rows.to_parquet(p, index=False))
+        if run:
+            run.write_shard([e.record_id for e in batch], steps=rows)
         else:
             frames.append(rows)
         bar.update(sum(len(e.input_ids) for e in batch))
     bar.close()
     meta["seconds"] = round(time.perf_counter() - started, 3)
-    if path:
-        frames = [pd.read_parquet(shard) for shard in sorted((path / "shards").glob("*.parquet"))]
+    if run:
+        frames = [run.read_shards("steps")] if run.shard_names() else []
     order = {e.record_id: i for i, (e, _) in enumerate(scored)}
     steps = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=list(COLUMNS))
     steps = steps[steps["record_id"].isin(order)]  # a resumed run's shards may hold records no longer given
@@ -195,18 +179,17 @@ def branch_points(
     steps = steps.drop(columns="_order").reset_index(drop=True)[list(COLUMNS)]
     meta.update(n_records=int(steps["record_id"].nunique()), n_steps=len(steps),
                 n_selected=int(steps["selected"].sum()), status="complete")
-    if path:
-        atomic_write(path / STEPS, lambda p: steps.to_parquet(p, index=False))
-        atomic_write(path / RUN_JSON, lambda p: p.write_text(json.dumps(meta, indent=2)))
-    return BranchPoints(steps, meta, path)
+    if run:
+        run.write(STEPS, lambda p: steps.to_parquet(p, index=False))
+        meta = run.finish(meta)
+    return BranchPoints(steps, meta, run.path if run else None)
 
 
 def load_branch_points(run_dir: str | Path) -> BranchPoints:
-    """Read a finished branch-point run folder back."""
+    """Read a finished branch-point run folder back (a run still marked running is refused)."""
     path = Path(run_dir)
     if not (path / STEPS).is_file():
         raise InputError(f"{path} holds no finished branch-point run (no {STEPS}); run "
                          f"`internal-policy branch-points --out {path}`")
-    meta_path = path / RUN_JSON
-    return BranchPoints(pd.read_parquet(path / STEPS), json.loads(meta_path.read_text()) if meta_path.is_file() else {},
-                        path)
+    meta = read_meta(path, "branch-points")
+    return BranchPoints(pd.read_parquet(path / STEPS), meta, path)

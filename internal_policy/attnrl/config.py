@@ -1,4 +1,4 @@
-"""AttnRL training settings: `BuPOConfig` (TRL's `GRPOConfig` + BuPO) plus the branching options (attnrl-spec §3-§7).
+"""AttnRL training settings: `BuPOConfig` (TRL's `GRPOConfig` + BuPO) plus AttnRL's branching options.
 
 `branching='none'` is plain BuPO / GRPO; `attn` branches at FCI-chosen steps (the published rule),
 `random` at random steps under the same start/distance rules, `entropy` at the highest-entropy

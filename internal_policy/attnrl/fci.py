@@ -1,4 +1,4 @@
-"""Forward Context Influence (FCI) of every reasoning step, from one forward pass (attnrl-spec.md §2).
+"""Forward Context Influence (FCI) of every reasoning step, from one forward pass (AttnRL).
 
 For layer l (paper numbering 1..L; HF block l-1) and head h, with A[t, s] the softmax attention
 probability of query token t on key s and W the row-normalised step-membership matrix:

@@ -1,4 +1,4 @@
-"""Adaptive sampling arithmetic (attnrl-spec.md §5): which responses to branch, which questions to drop.
+"""Adaptive sampling arithmetic (AttnRL): which responses to branch, which questions to drop.
 
 Per question with k of n initial responses correct (a reward > 0 counts as correct, as the code's
 `acc > 0`), ceil(n·e^(−k/n)) responses are branched (n = 6: {0:6, 1:6, 2:5, 3:4, 4:4, 5:3, 6:3}):
@@ -36,6 +36,7 @@ class RunningMean:
         self.total, self.count = 0.0, 0
 
     def add(self, values: Sequence[float]) -> None:
+        """Add a batch of values to the running sum and count."""
         self.total += float(np.sum(values))
         self.count += len(values)
 

@@ -1,4 +1,4 @@
-"""Where to branch a response (attnrl-spec.md §3, and the `entropy` / `random` baselines).
+"""Where to branch a response (AttnRL's FCI rule, and the `entropy` / `random` baselines).
 
 `attn` (the published rule): candidates are the response steps whose FCI is at or above the
 `quantile` of that response's step scores (steps 1..S-1; if that quantile is 0 while some score is

@@ -1,4 +1,4 @@
-"""Reasoning steps of a prompt + response sequence (AttnRL, attnrl-spec.md §1).
+"""Reasoning steps of a prompt + response sequence (AttnRL's separator rule).
 
 Step 0 is the prompt. The response is cut **after** every token whose decoded text contains the
 first separator (in the given order) that any response token contains: by default `"\\n\\n"`, else
@@ -94,7 +94,8 @@ def sequence_steps(
         raise InputError("the prompt is empty: step 0 (the prompt) needs at least one token")
     if not response_texts:
         raise InputError("the response is empty: it has no steps")
-    ranges = [(0, prompt_length)] + [(prompt_length + a, prompt_length + b) for a, b in split_steps(response_texts, separators)]
+    response = split_steps(response_texts, separators)
+    ranges = [(0, prompt_length)] + [(prompt_length + a, prompt_length + b) for a, b in response]
     think = None
     if think_end:
         think = next((prompt_length + i for i, text in enumerate(response_texts) if think_end in text), None)

@@ -1,4 +1,4 @@
-"""AttnRL on TRL: branching rollouts with TreeRL advantages, in a `BuPOTrainer` (attnrl-spec §4-§7, §9).
+"""AttnRL on TRL: branching rollouts with TreeRL advantages, in a `BuPOTrainer`.
 
 TRL's `rollout_func` cannot add rows, so `AttnRLTrainer` overrides the rollout/scoring step,
 `_generate_and_score_completions`. TRL's own step samples and scores the n initial responses per
@@ -27,7 +27,7 @@ with its prefix tokens set to its parent's values. The row count is padded to a 
 largest count of any process (TRL gathers per-row loss metrics, which needs equal micro-batches),
 with copies of a real row whose completion mask and advantages are zero.
 
-With `off_policy_branching` (spec §7), the rollout call at step t samples batch t's initial responses
+With `off_policy_branching` (one-step off-policy), the rollout call at step t samples batch t's initial responses
 and the continuations of batch t−1's branch points, and trains batch t−1's trees: prefix tokens keep
 their old log-probs from θ_{t−1} (stored with the pending trees), continuation tokens get θ_t's. The
 first rollout batch has no trees to train (its steps see zero gradient; weight decay still applies).
@@ -162,6 +162,7 @@ class AttnRLTrainer(BuPOTrainer):
 
     @property
     def branching(self) -> bool:
+        """Whether branching rollouts are on (`branching` is not 'none')."""
         return self.args.branching != "none"
 
     def _check_branching_setup(self) -> None:

@@ -1,4 +1,4 @@
-"""Branch rollouts and TreeRL-style process advantages (attnrl-spec.md §4, §6).
+"""Branch rollouts and TreeRL-style process advantages (AttnRL).
 
 One tree per question: a virtual root over its n initial responses. A branched response is cut into
 segments at its distinct branch points p_1 < ... < p_m: [0, p_1), [p_1, p_2), ..., [p_m, end); the

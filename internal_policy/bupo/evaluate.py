@@ -86,7 +86,8 @@ def pass_at_k_curve(scores: pd.DataFrame) -> pd.DataFrame:
 
 
 def sample_completions(model, tokenizer, prompts: Sequence[Prompt], n: int, max_new_tokens: int = 512,
-                       temperature: float = 1.0, top_p: float = 1.0, batch_size: int = 8, seed: int = 0) -> list[list[str]]:
+                       temperature: float = 1.0, top_p: float = 1.0, batch_size: int = 8,
+                       seed: int = 0) -> list[list[str]]:
     """n sampled completions per prompt (text or chat messages), as text; sampling is `internal_policy.generate`."""
     records = [{"id": str(i), "prompt": p} for i, p in enumerate(prompts)]
     responses = generate(model, tokenizer, records, Sampling(n, temperature, top_p, max_new_tokens, seed),

@@ -28,6 +28,7 @@ import pandas as pd
 from transformers import TrainerCallback
 
 from ..errors import InputError
+from ..runs import read_json, write_json, write_jsonl
 from .config import BuPOConfig
 from .data import prompt_text, require_answers
 from .rewards import Reward
@@ -60,12 +61,6 @@ def digest(value) -> str:
     return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(path)
-
-
 def _checkpoint_step(out: Path, settings: dict, resume: bool, defaults: dict | None = None) -> Path | None:
     """Check the output folder for a fresh run (empty) or a resume (same settings); the checkpoint to resume.
 
@@ -81,7 +76,7 @@ def _checkpoint_step(out: Path, settings: dict, resume: bool, defaults: dict | N
         return None
     if not saved.is_file():
         raise InputError(f"nothing to resume in {out}: it has no {SETTINGS_FILE} (start a fresh run without resume)")
-    before = json.loads(saved.read_text(encoding="utf-8"))
+    before = read_json(saved, "restore it, or start a new folder")
     keys = (set(before) | set(settings)) - MAY_CHANGE_ON_RESUME
     added_later = {k for k in set(settings) - set(before) if k in (defaults or {}) and settings[k] == defaults[k]}
     changed = sorted(key for key in keys - added_later if before.get(key) != settings.get(key))
@@ -108,7 +103,7 @@ class _PhaseLogWriter(TrainerCallback):
 
     def write(self, state) -> None:
         if state.is_world_process_zero:
-            _write_atomic(self.path, "".join(json.dumps(e) + "\n" for e in self.trainer.phase_log))
+            write_jsonl(self.path, self.trainer.phase_log)
 
     def on_save(self, args, state, control, **kwargs):
         self.write(state)
@@ -176,7 +171,7 @@ def train(model, tokenizer, prompts: pd.DataFrame, reward: Reward, config: BuPOC
     state.wait_for_everyone()  # every process checked the folder before the main one writes to it
     if state.is_main_process and checkpoint is None:
         out.mkdir(parents=True, exist_ok=True)
-        _write_atomic(out / SETTINGS_FILE, json.dumps(record, indent=1) + "\n")
+        write_json(out / SETTINGS_FILE, record)
     eval_dataset = {name: Dataset.from_dict({"prompt": list(f["prompt"]), "answer": [str(a) for a in f["answer"]]})
                     for name, f in eval_sets.items()} if eval_sets else None
     trainer_class = AttnRLTrainer if isinstance(config, AttnRLConfig) else BuPOTrainer

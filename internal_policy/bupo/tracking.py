@@ -30,6 +30,7 @@ from ..data import pad_batch, tokenize_records
 from ..entropy import Decoder, row_cosine
 from ..errors import InputError
 from ..models import ModelSpec, context_length, describe, pad_token_id
+from ..runs import atomic_write
 from ..stats import ENTROPY, NLL, KLOut, decode
 
 TRL_KEYS = {"reward": "reward", "entropy": "trl_entropy"}
@@ -135,24 +136,29 @@ class EntropyTracker(TrainerCallback):
         self._measured = set(kept.loc[kept["layer"] != -1, "step"])
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
+        """Measure the untrained model (step 0) on the main process."""
         if state.is_world_process_zero:  # the model is the same on every rank; only the main process logs
             self._measure(state.global_step, model)
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
+        """Measure at every logging step, on the main process."""
         if control.should_log and state.is_world_process_zero:
             self._measure(state.global_step, model)
 
     def on_log(self, args, state, control, logs=None, **kwargs):
+        """Copy TRL's entropy and reward metrics from the log into the table."""
         for key, metric in TRL_KEYS.items():
             if logs and key in logs:
                 self.rows.append({"step": state.global_step, "metric": metric, "layer": -1, "value": float(logs[key]),
                                   "k": -1, "policy": self.policy_at(state.global_step - 1)})
 
     def on_save(self, args, state, control, **kwargs):
+        """Write the table at every checkpoint save."""
         if state.is_world_process_zero:
             self.write()
 
     def on_train_end(self, args, state, control, **kwargs):
+        """Write the final table."""
         if state.is_world_process_zero:
             self.write()
 
@@ -160,9 +166,8 @@ class EntropyTracker(TrainerCallback):
         """Write the table to `path` (atomically), if there is one."""
         if self.path is not None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = self.path.with_suffix(".tmp")
-            self.frame().to_parquet(tmp, index=False)
-            tmp.replace(self.path)
+            frame = self.frame()
+            atomic_write(self.path, lambda tmp: frame.to_parquet(tmp, index=False))
 
     def frame(self) -> pd.DataFrame:
         """The tracked table: step, metric, layer (-1 for TRL metrics), value, k (-1: not k-specific), policy."""

@@ -46,6 +46,7 @@ from trl.kernels import ChunkedLogProbFunction
 from ..capture import backbone, truncated
 from ..errors import InputError
 from ..models import ModelSpec, describe
+from ..runs import atomic_write
 from .config import DEFAULT_INTERNAL_STEPS, BuPOConfig, Stage, parse_schedule, spaced_layers
 from .evaluate import sample_completions, score_completions, summarize
 from .rewards import SCORERS
@@ -93,9 +94,8 @@ def append_csv(path: Path, table: pd.DataFrame) -> None:
     if path.is_file():
         table = pd.concat([pd.read_csv(path), table], ignore_index=True)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".csv.tmp")
-    table[["step", *[c for c in table.columns if c != "step"]]].to_csv(tmp, index=False)
-    tmp.replace(path)
+    table = table[["step", *[c for c in table.columns if c != "step"]]]
+    atomic_write(path, lambda tmp: table.to_csv(tmp, index=False))
 
 
 def add_internal_head(model, temperature: float, final_norm: bool = False) -> None:
@@ -168,6 +168,7 @@ class Span:
 
     @property
     def policy(self) -> str:
+        """The policy's name in logs and tables: `pi^k`."""
         return f"pi^{self.layer}"
 
 

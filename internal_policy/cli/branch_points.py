@@ -5,13 +5,23 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from .options import (
+    CHECKPOINT_DTYPE,
+    add_chat_options,
+    add_generation_options,
+    add_model_options,
+    add_run_options,
+    chat_options,
+)
+
 
 def register(sub: argparse._SubParsersAction) -> None:
+    """Add `branch-points` and its options to the subcommands."""
     p = sub.add_parser("branch-points", help="AttnRL: FCI of every reasoning step and the branch points it picks",
                        description="Split prompt/response records into steps, score each step's Forward Context "
                                    "Influence (FCI) from the attention of one pass, pick AttnRL's branch points; "
                                    "writes steps.parquet, run.json and figures.")
-    p.add_argument("--model", default=None, help="local HF model folder or name (default: embedded stories260K)")
+    add_model_options(p, dtype_help=CHECKPOINT_DTYPE)
     p.add_argument("--input", required=True,
                    help="prompt/response records: .jsonl ({'prompt','response'}, {'messages'}, token ids), "
                         ".parquet, a saved HF dataset folder, or prompts with --generate")
@@ -28,32 +38,18 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--step-sep", action="append", default=None, metavar="SEP",
                    help=r"step separator, backslash escapes allowed; repeat for fallbacks tried in order "
                         r"(default: '\n\n' then '\n'; with none found every token is a step)")
-    p.add_argument("--thinking", choices=("on", "off"), default=None,
-                   help="Qwen3-style chat templates: enable_thinking on/off (default: the template's own); "
-                        "steps after a '</think>' token always get FCI 0")
-    p.add_argument("--chat-option", action="append", default=[], metavar="KEY=VALUE",
-                   help="extra chat-template option (VALUE parsed as JSON when it can be); repeatable")
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
-    p.add_argument("--dtype", default="auto", help="auto, float32, bfloat16, float16")
+    add_chat_options(p, thinking_note="; steps after a '</think>' token always get FCI 0")
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--truncate", action="store_true", help="cut records longer than the context instead of failing")
     p.add_argument("--max-figures", type=int, default=50, help="per-record figures to draw (default 50; 0: none)")
-    g = p.add_argument_group("response generation (--generate), as in `profile`")
-    g.add_argument("--generate", action="store_true",
-                   help="sample responses for each prompt, save them to OUT/responses.jsonl, then score them")
-    g.add_argument("-n", "--samples", type=int, default=1, help="responses per prompt")
-    g.add_argument("--temperature", type=float, default=1.0)
-    g.add_argument("--top-p", type=float, default=1.0)
-    g.add_argument("--max-new-tokens", type=int, default=512)
+    g = add_generation_options(p, then="score them")
     g.add_argument("--seed", type=int, default=0, help="seed of --generate sampling")
-    g.add_argument("--engine", choices=("auto", "hf", "vllm"), default="auto",
-                   help="auto: vLLM when installed and a GPU is present, else HF generate")
-    p.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_run_options(p)
     p.set_defaults(handler=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    """Score the records' steps (sampling them first with --generate), write the run and its figures."""
     from transformers.utils import logging as hf_logging
 
     from ..attnrl.analysis import branch_points
@@ -66,7 +62,6 @@ def run(args: argparse.Namespace) -> int:
     from ..generate import Sampling, generate, pick_engine
     from ..inputs import read_records
     from ..models import default_model_path, load_model, resolve_dtype
-    from .profile import chat_options
 
     check_delta(args.delta)
     check_selection(args.points, args.quantile, args.min_start, args.min_distance)

@@ -17,6 +17,7 @@ def _positive(text: str) -> int:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
+    """Add `evaluate` and its options to the subcommands."""
     p = sub.add_parser("evaluate", help="Avg@K / Pass@K / Maj@K with a boxed-answer checker",
                        description="Sample n completions per problem (temperature 1, top_p 1), check the last "
                                    "\\boxed{} answer, write scores.parquet, table.csv, pass_at_k.png/.pdf.")
@@ -40,6 +41,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    """Sample and score every problem of the prompt sets, write the tables and the Pass@K figure."""
     from pathlib import Path
 
     from ..bupo.data import load_prompts, require_answers

@@ -8,6 +8,7 @@ from ..plot import KINDS
 
 
 def register(sub: argparse._SubParsersAction) -> None:
+    """Add `plot` and its options to the subcommands."""
     p = sub.add_parser("plot", help="draw the entropy-flow, ΔH, cosine, heatmap, logit-lens and comparison figures",
                        description="Draw figures from profile run folders (summary.csv, tokens.parquet, run.json); "
                                    "the runs' files are only read.")
@@ -23,6 +24,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    """Draw the figures of the run folders and print their paths."""
     from pathlib import Path
 
     from ..errors import InputError

@@ -10,73 +10,48 @@ import argparse
 from importlib import resources
 from pathlib import Path
 
-from ..generate import ENGINES
+from ..inputs import BENCHMARKS
 from ..settings import ProfileSettings
+from .options import (
+    CHECKPOINT_DTYPE,
+    add_chat_options,
+    add_generation_options,
+    add_model_options,
+    add_run_options,
+    chat_options,
+)
 
 SAMPLE_INPUT = "stories.jsonl"
 
 
 def register(sub: argparse._SubParsersAction) -> None:
+    """Add `profile` and its options to the subcommands."""
     p = sub.add_parser("profile", help="entropy (and more statistics) of every internal policy per token",
                        description="Profile internal policies (entropy, Rényi, NLL, rank, KL to the output, top-k); "
                                    "writes summary.csv, tokens.parquet, run.json.")
-    p.add_argument("--model", default=None, help="local HF model folder or name (default: embedded stories260K)")
+    add_model_options(p, dtype_help=f"{CHECKPOINT_DTYPE}; entropy is accumulated in fp32 whatever the dtype")
     p.add_argument("--input", default=None,
                    help="records: .jsonl ({'text'}, {'prompt','response'}, {'messages'}), .parquet, a saved HF "
-                        "dataset folder, a plain text file (one record per paragraph), or a shipped benchmark "
-                        "(math500, amc2023, aime_2024, aime_2025); default: bundled sample stories")
+                        f"dataset folder, a plain text file (one record per paragraph), or a shipped benchmark "
+                        f"({', '.join(BENCHMARKS)}); default: bundled sample stories")
     p.add_argument("--split", default=None, help="split of a saved HF DatasetDict")
-    p.add_argument("--thinking", choices=("on", "off"), default=None,
-                   help="Qwen3-style chat templates: enable_thinking on/off (default: the template's own)")
-    p.add_argument("--chat-option", action="append", default=[], metavar="KEY=VALUE",
-                   help="extra chat-template option (VALUE parsed as JSON when it can be); repeatable")
+    add_chat_options(p)
     p.add_argument("--chat-template", default=None, metavar="FILE",
                    help="Jinja chat template to use instead of the tokenizer's (e.g. for a base model)")
     p.add_argument("--out", required=True, help="run folder to write (created; --resume continues it)")
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     p.add_argument("--device-map", default=None, help="'auto' spreads a model too big for one GPU over all GPUs "
                                                      "(accelerate); overrides --device")
-    p.add_argument("--dtype", default="auto", help="auto, float32, bfloat16, float16 (entropy is fp32 anyway)")
     ProfileSettings.add_arguments(p.add_argument_group("what to compute (ProfileSettings)"))
-    g = p.add_argument_group("response generation (--generate)")
-    g.add_argument("--generate", action="store_true",
-                   help="sample responses from the model for each prompt, save them to OUT/responses.jsonl, "
-                        "then profile them (re-profile later with --input OUT/responses.jsonl)")
-    g.add_argument("-n", "--samples", type=int, default=1, help="responses per prompt")
-    g.add_argument("--temperature", type=float, default=1.0, help="paper: 1.0")
-    g.add_argument("--top-p", type=float, default=1.0, help="paper: 1.0")
-    g.add_argument("--max-new-tokens", type=int, default=512, help="paper's analysis: 3072")
-    g.add_argument("--engine", choices=ENGINES, default="auto",
-                   help="auto: vLLM when installed and a GPU is present, else HF generate")
+    g = add_generation_options(p, then="profile them (re-profile later with --input OUT/responses.jsonl)")
     g.add_argument("--gen-batch-size", type=int, default=None,
                    help="rows per generation batch (default: --batch-size; 256 with vLLM)")
-    p.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
+    add_run_options(p)
     p.add_argument("--plot", action="store_true", help="also draw the figures into OUT/figures")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(handler=run)
 
 
-def chat_options(args: argparse.Namespace) -> dict:
-    """Chat-template options from --thinking and --chat-option KEY=VALUE."""
-    import json
-
-    from ..errors import InputError
-
-    options = {}
-    for item in args.chat_option:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise InputError(f"--chat-option expects KEY=VALUE, got {item!r}")
-        try:
-            options[key] = json.loads(value)
-        except json.JSONDecodeError:
-            options[key] = value
-    if args.thinking is not None:
-        options["enable_thinking"] = args.thinking == "on"
-    return options
-
-
 def run(args: argparse.Namespace) -> int:
+    """Profile the records (sampling them first with --generate) into --out and report what was written."""
     from transformers.utils import logging as hf_logging
 
     from .. import dist

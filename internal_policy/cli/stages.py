@@ -6,6 +6,7 @@ import argparse
 
 
 def register(sub: argparse._SubParsersAction) -> None:
+    """Add `stages` and its options to the subcommands."""
     p = sub.add_parser("stages", help="EIC stages (exploration, integration, convergence) and the boundary layer",
                        description="Segment the ΔH_FFN curve of a profile run into EIC stages, print them and "
                                    "store them with the parameters given here (default RUN_DIR/stages.json, "
@@ -22,6 +23,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    """Segment the run's ΔH_FFN curve, print the stages and store them as JSON."""
     from ..runs import load_run
     from ..stages import describe, stages_from_summary, write_stages
 

@@ -69,6 +69,7 @@ class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescription
 
 
 def register(sub: argparse._SubParsersAction) -> None:
+    """Add `train` to the subcommands (its options are parsed by `parse`, from the config fields)."""
     p = sub.add_parser("train", help="BuPO / GRPO training on TRL (train --help lists every option)",
                        add_help=False)  # the handler parses its arguments, with every config field
     p.set_defaults(handler=run, takes_extra=True)
@@ -177,6 +178,7 @@ def _check_reporters(report_to) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    """Train with the parsed options, then write the phase log, tracking table and figures."""
     import logging
     import warnings
     from pathlib import Path
