@@ -350,7 +350,7 @@ def _record_grid(tokens: pd.DataFrame, record_id: str | None, component: str, st
     return rows, grid.iloc[:, :max_positions], words, f"({who}record '{record_id}', component '{component}'{cut})"
 
 
-def _colour_range(stat: str, vocab_size: int | None) -> tuple[float | None, float | None]:
+def colour_range(stat: str, vocab_size: int | None) -> tuple[float | None, float | None]:
     """Fixed colour limits where the statistic has them: 0..ln|V| for entropies, its own range otherwise."""
     statistic = by_name(stat)
     if statistic.log_vocab_bound:
@@ -361,7 +361,7 @@ def _colour_range(stat: str, vocab_size: int | None) -> tuple[float | None, floa
 def _grid_figure(grid: pd.DataFrame, words: pd.Series, stat: str, vocab_size: int | None, title: str,
                  cell: str, annot: pd.DataFrame | None = None, cell_width: float = 0.17) -> Figure:
     """A layer × position heatmap of one record, input tokens as tick labels, optional text in the cells."""
-    vmin, vmax = _colour_range(stat, vocab_size)
+    vmin, vmax = colour_range(stat, vocab_size)
     with _style():
         fig = Figure(figsize=(min(2.5 + cell_width * grid.shape[1], 30), 1.9 + 0.24 * len(grid)), layout="constrained")
         ax = fig.add_subplot()
@@ -429,7 +429,7 @@ _NEEDS = {"flow": {"layer", "attn", "ffn"}, "delta": {"attn", "ffn"}, "cosine": 
           "compare": {"layer", "ffn"}}
 
 
-def _drawable(kind: str, runs: list[Run]) -> bool:
+def drawable(kind: str, runs: list[Run]) -> bool:
     """Whether every run has what figure `kind` reads (used to skip figures under kind "all")."""
     if kind in ("heatmap", "lens"):
         import pyarrow.parquet as pq
@@ -460,7 +460,7 @@ def figures(runs: Sequence[Run], kinds: Sequence[str] = ("all",), record_id: str
     unknown = set(kinds) - set(KINDS) - {"all"}
     if unknown:
         raise InputError(f"unknown figure kind(s) {sorted(unknown)}; choose from {', '.join(KINDS)}, all")
-    auto = {k for k in KINDS if (k != "compare" or len(runs) > 1) and _drawable(k, runs)} if "all" in kinds else set()
+    auto = {k for k in KINDS if (k != "compare" or len(runs) > 1) and drawable(k, runs)} if "all" in kinds else set()
     by_stat = {"flow": flow_figure, "compare": compare_figure, "heatmap": heatmap_figure, "lens": lens_figure}
     draw = {"delta": delta_figure, "cosine": cosine_figure}
     for kind in (k for k in KINDS if k in kinds or k in auto):
