@@ -19,6 +19,7 @@ import math
 from collections.abc import Sequence
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
@@ -26,10 +27,12 @@ import pandas as pd
 from . import __version__
 from .dist import atomic_write
 from .errors import InputError
-from .plot import Run, colour_range, drawable, figures, unique_labels
 from .runs import TOKENS, load_run
 from .stages import Stages, describe
 from .stats import by_name
+
+if TYPE_CHECKING:  # plot.py (matplotlib, seaborn) is imported when a report is written, not with the package
+    from .plot import Run
 
 GENERATOR = "internal-policy report"
 """Content of the page's <meta name="generator">: how the tool recognises a file it may overwrite."""
@@ -62,6 +65,8 @@ def _png(fig) -> str:
 
 def _figures(runs: list[Run], kinds: Sequence[str], stat: str, record_id: str | None = None) -> list[dict]:
     """Every figure of `kinds` ("all" = those the runs support), embedded, with its caption."""
+    from .plot import figures
+
     return [{"name": name, "caption": CAPTIONS[name.split("-")[0]], "src": _png(fig)}
             for name, fig in figures(runs, kinds, record_id, stat)]
 
@@ -157,7 +162,7 @@ def token_view(tokens_path: Path, meta: dict, stat: str, records: int, max_posit
     return {"records": out, "n_records": len(ids), "note": note, "has_topk": has_topk}
 
 
-def _topk(rows: pd.DataFrame, layer: int, position: int, decode) -> list[tuple[str, float]] | None:
+def _topk(rows: pd.DataFrame, layer: int, position: int, decode) -> list[list] | None:
     """[(text, probability)] of one cell, most likely first (None where the cell has no row)."""
     if (layer, position) not in rows.index:
         return None
@@ -166,13 +171,15 @@ def _topk(rows: pd.DataFrame, layer: int, position: int, decode) -> list[tuple[s
         texts = [str(t) for t in row["topk_tokens"]]
     else:
         texts = [decode(i) if decode else f"#{int(i)}" for i in row["topk_ids"]]
-    return [(text, float(p)) for text, p in zip(texts, row["topk_probs"])]
+    return [[text, float(p)] for text, p in zip(texts, row["topk_probs"])]
 
 
 def _colour_scale(stat: str, vocab_size: int | None, records: list[dict]) -> dict:
     """Colour limits (as the heatmap figure's; data range where the statistic has none) and viridis as 256 hex."""
     from matplotlib import colormaps
     from matplotlib.colors import to_hex
+
+    from .plot import colour_range
 
     vmin, vmax = colour_range(stat, vocab_size)
     values = [v for r in records for row in r["values"] for v in row if v is not None] or [0.0, 1.0]
@@ -231,6 +238,8 @@ def write_report(
     an existing `out` is replaced only if it is a report this tool wrote (written atomically).
     """
     from jinja2 import Environment, PackageLoader, select_autoescape
+
+    from .plot import Run, drawable, unique_labels
 
     dirs = [Path(d) for d in run_dirs]
     if not dirs:
