@@ -32,7 +32,7 @@ from internal_policy.report import GENERATOR, token_view
 
 EIC = np.array([2.0, 1.2, 0.6, 0.02, -0.03, 0.01, -0.8, -2.5])  # exploration 1-3, integration 4-6, convergence 7-8
 ODD = '<b>&"x\''  # a token that is also HTML: it must be shown as text
-META = {"model_type": "llama", "dtype": "float32", "stats": ["entropy", "topk"], "topk": 3, "chat": {},
+META = {"model_type": "llama", "dtype": "float32", "stats": ["entropy", "topk"], "topk": 3, "chat": {"system": ODD},
         "records_sha256": "ab" * 32, "weights_sha256": "cd" * 32, "chat_template_sha256": None,
         "version": "0.1.0", "status": "complete", "layer_numbering": "paper: 1..L, 0 = embedding output"}
 
@@ -91,9 +91,10 @@ def test_settings_show_every_run_json_value(report):
     run, _, page = report
     meta = json.loads((run / "run.json").read_text())
     rows = {html.unescape(k): html.unescape(v) for k, v in re.findall(r"<tr><th>(.*?)</th><td>(.*?)</td></tr>", page)}
-    expected = {k: (", ".join(map(str, v)) if isinstance(v, list) else "(none)" if v in (None, {}) else str(v))
-                for k, v in meta.items()}
-    assert rows == expected
+    expected = {k: (", ".join(map(str, v)) if isinstance(v, list) else json.dumps(v) if isinstance(v, dict)
+                    else "(none)" if v is None else str(v)) for k, v in meta.items()}
+    assert rows == expected and rows["chat"] == json.dumps({"system": ODD})
+    assert "<b>" not in page  # escaped: a value is text, never markup
     assert re.findall(r'data-group="(\w+)"', page) == ["model", "settings", "counts", "fingerprints", "provenance"]
 
 
@@ -142,14 +143,16 @@ def test_view_embeds_the_token_table_with_limits(report, tokens):
     assert ODD not in page  # never raw HTML in the page
 
 
-def test_runs_without_tokens_are_compared_and_overwrite_only_a_report(tmp_path):
+def test_runs_without_tokens_are_compared_and_overwrite_only_a_report(tmp_path, capsys):
     a = make_run(tmp_path / "a", synthetic_tokens(n_layers=4, seed=1))
     b = make_run(tmp_path / "b", synthetic_tokens(n_layers=6, seed=2))
     for run in (a, b):
         (run / "tokens.parquet").unlink()
     out = tmp_path / "both.html"
     out.write_text(f'<html><meta name="generator" content="{GENERATOR}"></html>')  # an older report: replaced
-    page = write_report([a, b], out).read_text()
+    assert main(["report", str(a), str(b), "--out", str(out)]) == 0
+    assert capsys.readouterr().out == f"{out}\n"
+    page = out.read_text()
     assert page.count("no token × layer view: this run has no tokens.parquet") == 2
     assert re.findall(r'<figure data-kind="(\w+)"', page) == ["flow", "delta", "cosine"] * 2 + ["flow", "compare"]
     assert 'id="comparison"' in page and "tiny (a)" in page and "tiny (b)" in page

@@ -6,6 +6,7 @@ import argparse
 
 
 def register(sub: argparse._SubParsersAction) -> None:
+    """Add the `report` subcommand."""
     p = sub.add_parser("report", help="write one self-contained HTML report of profile runs",
                        description="Write one HTML file that opens offline in a browser: each run's settings "
                                    "(run.json), EIC stage table, figures, and an interactive token × layer view "
@@ -14,8 +15,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("run_dirs", nargs="+", metavar="RUN", help="folder(s) written by `internal-policy profile`")
     p.add_argument("--out", required=True, metavar="FILE",
                    help="the HTML file to write (an existing file is replaced only if it is a report of this tool)")
-    p.add_argument("--stat", default="entropy", help="statistic of the token × layer view and the figures "
-                                                     "(a column the runs have, e.g. nll, rank, kl_out; default entropy)")
+    p.add_argument("--stat", default="entropy",
+                   help="statistic of the token × layer view and the figures (a column the runs have, "
+                        "e.g. nll, rank, kl_out; default entropy)")
     p.add_argument("--records", type=int, default=3, help="records embedded in the token × layer view (default 3)")
     p.add_argument("--max-positions", type=int, default=64,
                    help="token positions embedded per record (the first ones; default 64)")
@@ -23,6 +25,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    """Write the report and print its path."""
     from ..report import write_report
 
     print(write_report(args.run_dirs, args.out, stat=args.stat, records=args.records,
