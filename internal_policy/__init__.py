@@ -12,6 +12,7 @@ from .generate import Sampling, generate
 from .inputs import read_records
 from .models import ModelSpec, UnsupportedModelError, describe, load_model
 from .profile import ProfileResult, load_run, profile
+from .report import write_report
 from .settings import ProfileSettings
 
 __all__ = [
@@ -35,4 +36,5 @@ __all__ = [
     "load_run",
     "profile",
     "read_records",
+    "write_report",
 ]

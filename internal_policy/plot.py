@@ -350,7 +350,7 @@ def _record_grid(tokens: pd.DataFrame, record_id: str | None, component: str, st
     return rows, grid.iloc[:, :max_positions], words, f"({who}record '{record_id}', component '{component}'{cut})"
 
 
-def _colour_range(stat: str, vocab_size: int | None) -> tuple[float | None, float | None]:
+def colour_range(stat: str, vocab_size: int | None) -> tuple[float | None, float | None]:
     """Fixed colour limits where the statistic has them: 0..ln|V| for entropies, its own range otherwise."""
     statistic = by_name(stat)
     if statistic.log_vocab_bound:
@@ -361,7 +361,7 @@ def _colour_range(stat: str, vocab_size: int | None) -> tuple[float | None, floa
 def _grid_figure(grid: pd.DataFrame, words: pd.Series, stat: str, vocab_size: int | None, title: str,
                  cell: str, annot: pd.DataFrame | None = None, cell_width: float = 0.17) -> Figure:
     """A layer × position heatmap of one record, input tokens as tick labels, optional text in the cells."""
-    vmin, vmax = _colour_range(stat, vocab_size)
+    vmin, vmax = colour_range(stat, vocab_size)
     with _style():
         fig = Figure(figsize=(min(2.5 + cell_width * grid.shape[1], 30), 1.9 + 0.24 * len(grid)), layout="constrained")
         ax = fig.add_subplot()
@@ -429,7 +429,7 @@ _NEEDS = {"flow": {"layer", "attn", "ffn"}, "delta": {"attn", "ffn"}, "cosine": 
           "compare": {"layer", "ffn"}}
 
 
-def _drawable(kind: str, runs: list[Run]) -> bool:
+def drawable(kind: str, runs: list[Run]) -> bool:
     """Whether every run has what figure `kind` reads (used to skip figures under kind "all")."""
     if kind in ("heatmap", "lens"):
         import pyarrow.parquet as pq
@@ -442,10 +442,34 @@ def _drawable(kind: str, runs: list[Run]) -> bool:
     return all(_NEEDS[kind] <= set(r.summary["component"]) for r in runs)
 
 
-def _unique_labels(runs: list[Run], dirs: list[Path]) -> list[Run]:
+def unique_labels(runs: list[Run], dirs: list[Path]) -> list[Run]:
     """Add the folder name to labels that several runs share (e.g. one model on two datasets)."""
     labels = [r.label for r in runs]
     return [replace(r, label=f"{r.label} ({d.name})") if labels.count(r.label) > 1 else r for r, d in zip(runs, dirs)]
+
+
+def figures(runs: Sequence[Run], kinds: Sequence[str] = ("all",), record_id: str | None = None,
+            stat: str = "entropy") -> Iterator[tuple[str, Figure]]:
+    """(name, figure) for each wanted kind, in KINDS order: one shared figure for flow, delta, cosine and
+    compare, one per run for heatmap and lens (named "heatmap-2" ... with several runs).
+
+    "all" = every kind the runs' tables support (compare only with several runs); a kind named
+    explicitly is drawn or raises. `stat` is the statistic of the flow, heatmap, lens and compare figures.
+    """
+    runs = list(runs)
+    unknown = set(kinds) - set(KINDS) - {"all"}
+    if unknown:
+        raise InputError(f"unknown figure kind(s) {sorted(unknown)}; choose from {', '.join(KINDS)}, all")
+    auto = {k for k in KINDS if (k != "compare" or len(runs) > 1) and drawable(k, runs)} if "all" in kinds else set()
+    by_stat = {"flow": flow_figure, "compare": compare_figure, "heatmap": heatmap_figure, "lens": lens_figure}
+    draw = {"delta": delta_figure, "cosine": cosine_figure}
+    for kind in (k for k in KINDS if k in kinds or k in auto):
+        if kind in draw or kind in ("flow", "compare"):
+            yield kind, draw[kind](runs) if kind in draw else by_stat[kind](runs, stat=stat)
+            continue
+        for i, run in enumerate(runs):
+            fig = by_stat[kind](run.tokens(), record_id, vocab_size=run.vocab_size, label=run.label, stat=stat)
+            yield (kind if len(runs) == 1 else f"{kind}-{i + 1}"), fig
 
 
 def plot_runs(
@@ -468,24 +492,8 @@ def plot_runs(
     if out_dir is None and len(dirs) > 1:
         raise InputError("several runs: pass --out DIR for the shared figures")
     out = Path(out_dir) if out_dir is not None else dirs[0] / "figures"
-    unknown = set(kinds) - set(KINDS) - {"all"}
-    if unknown:
-        raise InputError(f"unknown figure kind(s) {sorted(unknown)}; choose from {', '.join(KINDS)}, all")
-    runs = _unique_labels([Run.from_dir(d) for d in dirs], dirs)
-    auto = {k for k in KINDS if (k != "compare" or len(runs) > 1) and _drawable(k, runs)} if "all" in kinds else set()
-    wanted = [k for k in KINDS if k in kinds or k in auto]
-    by_stat = {"flow": flow_figure, "compare": compare_figure, "heatmap": heatmap_figure, "lens": lens_figure}
-    draw = {"delta": delta_figure, "cosine": cosine_figure}
-    paths: list[Path] = []
-    for kind in wanted:
-        if kind in draw or kind in ("flow", "compare"):
-            fig = draw[kind](runs) if kind in draw else by_stat[kind](runs, stat=stat)
-            paths += save_figure(fig, out, kind)
-            continue
-        for i, run in enumerate(runs):
-            fig = by_stat[kind](run.tokens(), record_id, vocab_size=run.vocab_size, label=run.label, stat=stat)
-            paths += save_figure(fig, out, kind if len(runs) == 1 else f"{kind}-{i + 1}")
-    return paths
+    runs = unique_labels([Run.from_dir(d) for d in dirs], dirs)
+    return [path for name, fig in figures(runs, kinds, record_id, stat) for path in save_figure(fig, out, name)]
 
 
 def plot_run(run_dir: str | Path, out_dir: str | Path | None = None, kinds: Sequence[str] = ("all",)) -> list[Path]:
@@ -494,6 +502,6 @@ def plot_run(run_dir: str | Path, out_dir: str | Path | None = None, kinds: Sequ
 
 
 __all__ = [
-    "KINDS", "Run", "band", "compare_figure", "cosine_figure", "delta_figure", "flow_figure",
+    "KINDS", "Run", "band", "compare_figure", "cosine_figure", "delta_figure", "figures", "flow_figure",
     "heatmap_figure", "lens_figure", "plot_run", "plot_runs", "save_figure", "series", "stages_figure", "token_label",
 ]
