@@ -212,11 +212,11 @@ def summarize(sums: pd.DataFrame) -> pd.DataFrame:
 
 
 def _sort_tokens(parts: list[pd.DataFrame]) -> pd.DataFrame:
-    """One batch's per-token table in a stable order: record, position, then layer and forward order."""
+    """One batch's per-token table in a stable order: record, position, then layer, forward order and head."""
     tokens = head_ints(pd.concat(parts, ignore_index=True))
     rank = tokens["component"].map({c: i for i, c in enumerate(ORDER)})
-    head = tokens[HEAD_COLUMN].fillna(-1).to_numpy() if HEAD_COLUMN in tokens.columns else np.zeros(len(tokens))
-    order = np.lexsort((head, rank.to_numpy(), tokens["layer"].to_numpy(), tokens["position"].to_numpy(),
+    # lexsort is stable: the heads of a layer stay in the order of the parts (the plan's, head 0 first)
+    order = np.lexsort((rank.to_numpy(), tokens["layer"].to_numpy(), tokens["position"].to_numpy(),
                         tokens["record_id"].to_numpy().astype(str)))
     return tokens.iloc[order].reset_index(drop=True)
 

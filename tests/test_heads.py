@@ -138,6 +138,8 @@ def test_head_column_is_a_nullable_integer_and_other_rows_are_unchanged(head_run
     assert heads.groupby("layer")["head"].apply(list).tolist() == [list(range(spec.n_heads))] * spec.n_layers
     assert summary.loc[summary["component"] != "attn_head", "head"].isna().all()
     assert str(result.tokens["head"].dtype) == "Int64"
+    head_tokens = result.tokens.loc[result.tokens["component"] == "attn_head", "head"].to_numpy(dtype=int)
+    assert (head_tokens.reshape(-1, spec.n_heads) == np.arange(spec.n_heads)).all()  # heads in order per token, layer
     # the same run without heads: no head column, and the other rows' numbers as with heads
     plain = profile(model, tok, RECORDS, components=("layer", "ffn"), stats=["all"], progress=False)
     assert "head" not in plain.summary.columns and "head" not in plain.tokens.columns
