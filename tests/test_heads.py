@@ -260,9 +260,10 @@ def test_heads_figure_draws_the_layer_by_head_grid(stat):
         heads_figure(summary.loc[summary["component"] == "ffn"])
 
 
-def test_plot_kind_heads_and_all(tmp_path, stories, capsys):
+def test_cli_profile_heads_then_plot_kind_heads_and_all(tmp_path, stories, capsys):
     model, tok = stories
-    profile(model, tok, RECORDS[:2], components=("attn_head", "ffn"), out_dir=tmp_path / "h", progress=False)
+    assert main(["profile", "--components", "attn_head,ffn", "--out", str(tmp_path / "h"), "--quiet"]) == 0
+    assert "attn_head" in load_run(tmp_path / "h").meta["components"]
     profile(model, tok, RECORDS[:2], components=("attn", "ffn"), out_dir=tmp_path / "p", progress=False)
     assert "heads" in KINDS
     assert main(["plot", str(tmp_path / "h"), "--kind", "heads", "--stat", "entropy"]) == 0
