@@ -451,8 +451,9 @@ def heads_figure(run: Run | pd.DataFrame, stat: str = "entropy") -> Figure:
                 strip.text((first + last) / 2, 0.5, name, ha="center", va="center", fontsize=7,
                            transform=strip.get_xaxis_transform())
             _mark_boundary(ax, run.stages, run.label, "white")
-        strip.set_title("EIC stages (from ΔH_FFN)" if run.stages is not None else "EIC stages: none (no ffn rows)",
-                        fontsize=8)
+        k = run.stages.boundary_layer if run.stages is not None else None
+        strip.set_title("EIC stages: none (no ffn rows)" if run.stages is None else "EIC stages (from ΔH_FFN)"
+                        + (f"; dotted line: boundary layer {k} (BuPO)" if k is not None else ""), fontsize=8)
         what = "Entropy" if stat == "entropy" else stat
         fig.suptitle(f"{what} of each attention head's write, mean over tokens\n({run.label}, {decoding(run.final_norm)})")
     return fig
