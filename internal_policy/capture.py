@@ -49,7 +49,8 @@ Site = tuple[int, str]
 OnTensor = Callable[[int, str, torch.Tensor, "Site | None"], None]
 """callback(layer, component, tensor [batch, seq, d], alias): `alias` names an earlier site that is
 the very same tensor (e.g. OLMo2's attention reads H_{l-1} unnormed): then `tensor` is None and the
-consumer reuses what it computed for `alias` instead of decoding again."""
+consumer reuses what it computed for `alias` instead of decoding again. For `attn_head` the tensor is
+the output projection's input z [batch, seq, n_heads·head_dim] (see the module docstring)."""
 
 TL_HOOK_NAMES: dict[str, str] = {
     "layer": "blocks.{i}.hook_resid_post",
