@@ -59,7 +59,8 @@ def per_layer(summary: pd.DataFrame) -> pd.DataFrame:
         low, best = g.loc[g["entropy"].idxmin()], g.loc[g["nll"].idxmin()]
         rows.append({"layer": layer, "H_attn": attn.loc[layer, "entropy"], "head_H_min": low["entropy"],
                      "head_H_max": g["entropy"].max(), "lowest_head": int(low["head"]),
-                     "best_nll_head": int(best["head"]), "head_nll_min": best["nll"], "nll_attn": attn.loc[layer, "nll"],
+                     "best_nll_head": int(best["head"]), "head_nll_min": best["nll"],
+                     "nll_attn": attn.loc[layer, "nll"],
                      "top1_max": g["top1_agree"].max(), "cos_head_max": g["cos_resid"].abs().max(),
                      "cos_attn": attn.loc[layer, "cos_resid"], "se_max": g["entropy_se"].max()})
     return pd.DataFrame(rows)
@@ -116,8 +117,9 @@ What it shows:
 - Every single head's write decodes to an almost uniform policy: head entropies lie between
   {s['head_H_min'].min():.4f} and {s['head_H_max'].max():.4f} nats, within {ln_v - s['head_H_min'].min():.3f} nats of
   ln|V|. Their sum A_l is more peaked (H(A_l) from {s['H_attn'].min():.3f} to {s['H_attn'].max():.3f} nats, below
-  every head of its layer in {int((s['H_attn'] < s['head_H_min']).sum())} of {len(s)} layers): decoded raw, a small vector gives a near-uniform policy (softmax(βz) → uniform
-  as β → 0), and one head's write is a part of A_l.
+  every head of its layer in {int((s['H_attn'] < s['head_H_min']).sum())} of {len(s)} layers): decoded raw,
+  a small vector gives a near-uniform policy (softmax(βz) → uniform as β → 0), and one head's write is
+  a part of A_l.
   The figure's colours therefore span only {s['head_H_max'].max() - s['head_H_min'].min():.3f} nats
   (its colour bar gives ln|V|); the largest standard error of a cell is {s['se_max'].max():.4f} nats.
 - The lowest-entropy head per layer is head {', '.join(map(str, s['lowest_head']))} (layers 1..{len(s)}). The NLL figure

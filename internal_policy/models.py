@@ -126,7 +126,8 @@ class ModelSpec:
         n_heads = self.n_heads
         if n_heads < 1:
             raise UnsupportedModelError(f"{self.model_type}: the config gives no number of attention heads "
-                                        "(num_attention_heads or n_head), so the attention write cannot be split by head")
+                                        "(num_attention_heads or n_head), so the attention write cannot be split "
+                                        "by head")
         if weight.shape[1] % n_heads:
             raise UnsupportedModelError(f"{self.model_type}: output projection input size {weight.shape[1]} is not "
                                         f"a multiple of {n_heads} heads")

@@ -455,7 +455,8 @@ def heads_figure(run: Run | pd.DataFrame, stat: str = "entropy") -> Figure:
         strip.set_title("EIC stages: none (no ffn rows)" if run.stages is None else "EIC stages (from ΔH_FFN)"
                         + (f"; dotted line: boundary layer {k} (BuPO)" if k is not None else ""), fontsize=8)
         what = "Entropy" if stat == "entropy" else stat
-        fig.suptitle(f"{what} of each attention head's write, mean over tokens\n({run.label}, {decoding(run.final_norm)})")
+        fig.suptitle(f"{what} of each attention head's write, mean over tokens\n"
+                     f"({run.label}, {decoding(run.final_norm)})")
     return fig
 
 
@@ -543,5 +544,6 @@ def plot_run(run_dir: str | Path, out_dir: str | Path | None = None, kinds: Sequ
 
 __all__ = [
     "KINDS", "Run", "band", "compare_figure", "cosine_figure", "delta_figure", "flow_figure",
-    "heads_figure", "heatmap_figure", "lens_figure", "plot_run", "plot_runs", "save_figure", "series", "stages_figure", "token_label",
+    "heads_figure", "heatmap_figure", "lens_figure", "plot_run", "plot_runs", "save_figure", "series",
+    "stages_figure", "token_label",
 ]

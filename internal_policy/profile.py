@@ -93,7 +93,8 @@ def _decode_forward(model, spec, plan, decoders, group, pad_id, stats, held):
     width = input_ids.shape[1]
     flat = torch.from_numpy(np.concatenate([row * width + p for row, (_, p) in enumerate(group)]))
     holder = RowHolder(flat.to(device), held, decoders[0].weight.device, plan.heads)
-    with torch.no_grad(), capture(model, holder, spec, heads=bool(plan.heads)):  # logits_to_keep=1: no [B, T, V] output logits
+    # logits_to_keep=1: no [B, T, V] output logits
+    with torch.no_grad(), capture(model, holder, spec, heads=bool(plan.heads)):
         model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, logits_to_keep=1)
     targets = torch.from_numpy(np.concatenate([_next_tokens(e, p) for e, p in group]))
     reference = (decoders[1], holder.rows[plan.output]) if plan.output in held else None

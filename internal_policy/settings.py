@@ -83,7 +83,8 @@ class ProfileSettings:
         set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731 (frozen dataclass)
         unknown = [c for c in self.components if c not in ALL_COMPONENTS]
         if unknown or not self.components:
-            raise InputError(f"unknown component(s) {unknown or '(none given)'}; choose from {', '.join(ALL_COMPONENTS)}")
+            raise InputError(f"unknown component(s) {unknown or '(none given)'}; "
+                             f"choose from {', '.join(ALL_COMPONENTS)}")
         set_("components", tuple(c for c in ALL_COMPONENTS if c in self.components))
         chosen = resolve(self.stats, self.renyi_alpha, self.topk)  # validates names, orders and k
         set_("stats", tuple(st.name for st in chosen))

@@ -19,8 +19,8 @@ cos(head write, H_{l-1}) as their residual cosine and no ΔH.
 `RowHolder` is the capture callback that gathers those rows (and the residual cosines) in one
 forward. It holds kept_tokens × (direct sites + 1) × d_model values of the model's dtype: e.g. 64
 kept tokens of a 28-layer, d = 1024 fp32 model with all components (1 + 4·28 direct sites and the
-output) = 64 × 114 × 1024 × 4 B ≈ 28.5 MiB; `attn_head` adds n_heads sites per layer. `profile` splits a batch into forwards that keep this
-under `hidden_budget_mb`.
+output) = 64 × 114 × 1024 × 4 B ≈ 28.5 MiB; `attn_head` adds n_heads direct sites per layer.
+`profile` splits a batch into forwards that keep this under `hidden_budget_mb`.
 """
 
 from __future__ import annotations

@@ -84,7 +84,8 @@ def test_head_writes_sum_to_the_attention_write(arch, tiny):
 @pytest.fixture(scope="module", params=["stories", "qwen3", "gpt2"])
 def head_run(request, tiny):
     """(model, tokenizer, examples, in-memory profile with attn_head and every scalar statistic); stories260K
-    (8 heads over 4 KV heads), a grouped-query qwen3 (4 over 2, head_dim set apart from d/H) and GPT-2 (Conv1D, bias)."""
+    (8 heads over 4 KV heads), a grouped-query qwen3 (4 over 2, head_dim given apart from d/H) and GPT-2 (Conv1D,
+    bias)."""
     model, tok = request.getfixturevalue("stories") if request.param == "stories" else tiny(request.param)
     result = profile(model, tok, RECORDS, components=("layer", "attn_head", "ffn"), stats=["all"], progress=False)
     examples = tokenize_records(RECORDS, tok, None, False, {}, vocab_size=model.get_input_embeddings().weight.shape[0])

@@ -8,7 +8,8 @@ from ..plot import KINDS
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("plot", help="draw the entropy-flow, ΔH, cosine, heatmap, logit-lens, comparison and heads figures",
+    p = sub.add_parser("plot", help="draw the entropy-flow, ΔH, cosine, heatmap, logit-lens, comparison and heads "
+                                    "figures",
                        description="Draw figures from profile run folders (summary.csv, tokens.parquet, run.json); "
                                    "the runs' files are only read.")
     p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="folder(s) written by `internal-policy profile`")
