@@ -22,6 +22,7 @@ from einops import einsum, rearrange
 from torch import nn
 
 from .errors import InputError, UnsupportedModelError  # UnsupportedModelError: also importable from here
+
 DEFAULT_MODEL = "stories260K"
 """Name of the embedded default model (Karpathy's llama2.c stories260K, MIT licence)."""
 

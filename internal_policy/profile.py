@@ -51,8 +51,17 @@ from .data import Example, batched, pad_batch, tokenize_records
 from .dist import atomic_write, barrier, check_resume, rank_world
 from .entropy import Decoder
 from .models import ModelSpec, context_length, describe, pad_token_id
-from .runs import (HEAD_COLUMN, ProfileResult, claim_run_dir, finished_ids, head_ints, load_run, read_json, read_shard,
-                   remove_unfinished)
+from .runs import (
+    HEAD_COLUMN,
+    ProfileResult,
+    claim_run_dir,
+    finished_ids,
+    head_ints,
+    load_run,
+    read_json,
+    read_shard,
+    remove_unfinished,
+)
 from .settings import ProfileSettings, describe_change, records_digest, resume_key, text_digest, weights_digest
 from .sites import ORDER, RowHolder, SitePlan, delta_input
 from .stats import decode
@@ -183,6 +192,7 @@ def _profile_batch(model, spec, plan, decoders, batch, pad_id, settings, tokeniz
 def _head_of(plan: SitePlan, site) -> dict:
     """The `head` entry of a table row: the head of an `attn_head` site, <NA> elsewhere, none without heads."""
     return {HEAD_COLUMN: site[2] if len(site) > 2 else pd.NA} if plan.heads else {}
+
 
 def summarize(sums: pd.DataFrame) -> pd.DataFrame:
     """Summary table from per-site sums (any number of batches, attempts or ranks): exact merging.

@@ -12,9 +12,9 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from helpers_stats import check_stats, reference_stats
 from transformers.pytorch_utils import Conv1D
 
-from helpers_stats import check_stats, reference_stats
 from internal_policy.capture import extract
 from internal_policy.cli import main
 from internal_policy.data import tokenize_records
