@@ -13,6 +13,14 @@ in (it would break the TRL policy and `save_pretrained`), and does not compose w
 `internal_policy.lens_bridge` recomputes the same tensors through the bridge; the test suite
 checks that both paths agree on every supported architecture.
 
+Per-head writes (`attn_head`, opt-in with `heads=True`): a forward pre-hook on the attention output
+projection (`BlockLayout.attn_out`) emits its input z = the heads' outputs concatenated
+[batch, seq, n_heads·head_dim], just before `attn` of the same layer; `HeadProjection.writes` turns
+(kept) rows of z into each head's write z_h W_O[h] [..., n_heads, d_model], so a consumer that keeps
+few positions never builds the full [batch, seq, n_heads, d_model] tensor. Head writes exclude the
+projection's bias: Σ_h writes + bias = A_l. Models with a norm between the projection and the stream
+(Gemma2/3, OLMo2/3) are refused (`head_projections`).
+
 Emission is streaming (a callback per tensor) so a consumer can decode and drop each tensor at
 once: peak memory then does not grow with the number of layers.
 """
@@ -25,10 +33,15 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from .models import BlockLayout, ModelSpec, describe
+from .errors import InputError
+from .models import BlockLayout, HeadProjection, ModelSpec, describe
 
 COMPONENTS: tuple[str, ...] = ("layer", "attn_in", "attn", "resid_mid", "ffn_in", "ffn")
-"""Component names (see the module docstring); `layer` at layer 0 is the embedding output."""
+"""The default components (see the module docstring); `layer` at layer 0 is the embedding output."""
+HEAD = "attn_head"
+"""The per-head component: opt-in, since its cost grows with the number of heads."""
+ALL_COMPONENTS: tuple[str, ...] = (*COMPONENTS, HEAD)
+"""Every component a profile can ask for."""
 
 Site = tuple[int, str]
 """(paper layer 0..L, component)."""
@@ -36,7 +49,8 @@ Site = tuple[int, str]
 OnTensor = Callable[[int, str, torch.Tensor, "Site | None"], None]
 """callback(layer, component, tensor [batch, seq, d], alias): `alias` names an earlier site that is
 the very same tensor (e.g. OLMo2's attention reads H_{l-1} unnormed): then `tensor` is None and the
-consumer reuses what it computed for `alias` instead of decoding again."""
+consumer reuses what it computed for `alias` instead of decoding again. For `attn_head` the tensor is
+the output projection's input z [batch, seq, n_heads·head_dim] (see the module docstring)."""
 
 TL_HOOK_NAMES: dict[str, str] = {
     "layer": "blocks.{i}.hook_resid_post",
@@ -63,14 +77,29 @@ def alias_of(layout: BlockLayout, layer: int, component: str) -> Site | None:
     return None
 
 
+def head_projections(spec: ModelSpec) -> list[HeadProjection]:
+    """Every block's `HeadProjection` (0-based block index), or an InputError where head writes do not sum to A_l."""
+    projections = [spec.head_projection(i) for i in range(spec.n_layers)]
+    if projections and projections[0].norm_after is not None:
+        raise InputError(f"{spec.model_type}: attention heads cannot be profiled separately, because the norm "
+                         f"{projections[0].norm_after!r} sits between the output projection and the residual stream "
+                         "(A_l = norm(Σ_h head writes) is not a sum of heads); drop attn_head from --components")
+    return projections
+
+
 def _first(out):
     return out[0] if isinstance(out, (tuple, list)) else out
 
 
 @contextmanager
-def capture(model: nn.Module, on_tensor: OnTensor, spec: ModelSpec | None = None) -> Iterator[ModelSpec]:
-    """Within the block, every forward of `model` streams its decomposition to `on_tensor`."""
+def capture(model: nn.Module, on_tensor: OnTensor, spec: ModelSpec | None = None,
+            heads: bool = False) -> Iterator[ModelSpec]:
+    """Within the block, every forward of `model` streams its decomposition to `on_tensor`.
+
+    With `heads`, also (layer, "attn_head", z) with z the output projection's input (see module docstring)."""
     spec = spec or describe(model)
+    if heads:
+        head_projections(spec)
     layout = spec.layout
     block_input: dict[int, torch.Tensor] = {}
     handles = []
@@ -95,6 +124,11 @@ def capture(model: nn.Module, on_tensor: OnTensor, spec: ModelSpec | None = None
             on_tensor(layer, "resid_mid", block_input[index] + a, None)
         return hook
 
+    def on_heads(index):
+        def hook(_module, args, kwargs):
+            on_tensor(index + 1, HEAD, args[0] if args else next(iter(kwargs.values())), None)
+        return hook
+
     def on_ffn_in(index):
         return lambda _m, _a, out: on_tensor(index + 1, "ffn_in", _first(out), None)
 
@@ -117,6 +151,9 @@ def capture(model: nn.Module, on_tensor: OnTensor, spec: ModelSpec | None = None
             handles.append(block.register_forward_pre_hook(on_block_input(i), with_kwargs=True))
             if layout.attn_in is not None:
                 handles.append(spec.block_part(i, layout.attn_in).register_forward_hook(on_attn_in(i)))
+            if heads:
+                handles.append(spec.block_part(i, layout.attn_out).register_forward_pre_hook(on_heads(i),
+                                                                                            with_kwargs=True))
             handles.append(spec.block_part(i, layout.attn).register_forward_hook(on_attn(i)))
             if layout.ffn_in is not None and layout.ffn_in != layout.attn_in:
                 handles.append(spec.block_part(i, layout.ffn_in).register_forward_hook(on_ffn_in(i)))
@@ -138,15 +175,20 @@ def extract(
 ) -> dict[Site, torch.Tensor]:
     """All requested components of one forward pass, as {(layer, component): [batch, seq, d]}.
 
+    `attn_head` (not in the default) gives each head's write [batch, seq, n_heads, d] (bias excluded).
     Holds every tensor at once: for profiling long inputs use `capture` with a streaming consumer.
     """
     found: dict[Site, torch.Tensor] = {}
+    spec = spec or describe(model)
+    projections = head_projections(spec) if HEAD in components else []
 
     def keep(layer, component, x, alias):
-        if component in components:
+        if component == HEAD:
+            found[(layer, component)] = projections[layer - 1].writes(x.detach())
+        elif component in components:
             found[(layer, component)] = found[alias] if alias is not None else x.detach()
 
-    with capture(model, keep, spec):
+    with capture(model, keep, spec, heads=bool(projections)):
         model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
     return found
 

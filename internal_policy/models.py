@@ -18,6 +18,7 @@ from importlib import resources
 from pathlib import Path
 
 import torch
+from einops import einsum, rearrange
 from torch import nn
 
 from .errors import InputError, UnsupportedModelError  # UnsupportedModelError: also importable from here
@@ -84,6 +85,13 @@ class HeadProjection:
     bias: torch.Tensor | None
     norm_after: str | None
 
+    def writes(self, z: torch.Tensor) -> torch.Tensor:
+        """Each head's write z_h W[h] [..., n_heads, d_model] from the projection input z [..., n_heads·head_dim].
+
+        The bias is not in any head's write: Σ_h writes + bias is the projection's output."""
+        heads = rearrange(z, "... (h d) -> ... h d", h=self.n_heads)
+        return einsum(heads, self.weight.to(z.dtype), "... h d, h d m -> ... h m")
+
 
 @dataclass
 class ModelSpec:
@@ -119,11 +127,15 @@ class ModelSpec:
         module = self.block_part(index, self.layout.attn_out)
         weight = module.weight if isinstance(module, nn.Linear) else module.weight.T  # Conv1D stores [in, out]
         n_heads = self.n_heads
+        if n_heads < 1:
+            raise UnsupportedModelError(f"{self.model_type}: the config gives no number of attention heads "
+                                        "(num_attention_heads or n_head), so the attention write cannot be split "
+                                        "by head")
         if weight.shape[1] % n_heads:
             raise UnsupportedModelError(f"{self.model_type}: output projection input size {weight.shape[1]} is not "
                                         f"a multiple of {n_heads} heads")
         head_dim = weight.shape[1] // n_heads
-        per_head = weight.T.reshape(n_heads, head_dim, weight.shape[0])
+        per_head = rearrange(weight, "m (h d) -> h d m", h=n_heads)
         norm_after = None if self.layout.attn == self.layout.attn_out.split(".")[0] else self.layout.attn
         return HeadProjection(module, n_heads, head_dim, per_head, getattr(module, "bias", None), norm_after)
 

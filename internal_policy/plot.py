@@ -1,7 +1,8 @@
 """Paper-style figures from a profile run's tables: Fig. 2 (entropy flow), Fig. 3 (ΔH per module,
 with the EIC stages), Fig. 12 (residual cosines), a token × layer heatmap, the classic logit-lens
-grid (top-1 decoded token per layer and position) and a model comparison. The flow, heatmap,
-lens and comparison figures show any statistic of the run (`stat`, default entropy).
+grid (top-1 decoded token per layer and position), a model comparison and a layers × heads
+heatmap of the `attn_head` rows. The flow, heatmap,
+lens, comparison and heads figures show any statistic of the run (`stat`, default entropy).
 
 A figure never recomputes entropies: it reads the summary / tokens tables of a run folder
 (``summary.csv``, ``tokens.parquet``, ``run.json``, ``stages.json``). Figures are built with
@@ -31,7 +32,7 @@ from .runs import load_run
 from .stages import Stages, run_stages
 from .stats import by_name
 
-KINDS = ("flow", "delta", "cosine", "heatmap", "lens", "compare")
+KINDS = ("flow", "delta", "cosine", "heatmap", "lens", "compare", "heads")
 LAYER_AXIS = "layer (1..L; 0 = embedding)"
 DEPTH_AXIS = "normalised depth (layer / L)"
 FONT = "DejaVu Sans"
@@ -46,7 +47,8 @@ QUANTITY = {
     ("ffn", "cos_resid"): "cos(F_l, H_{l-1} + A_l)",
 }
 """Axis label of each plotted (component, summary column); other statistics use their own label."""
-WHAT = {"layer": "H_l", "attn": "A_l", "ffn": "F_l", "attn_in": "attn_in", "ffn_in": "ffn_in", "resid_mid": "resid_mid"}
+WHAT = {"layer": "H_l", "attn": "A_l", "ffn": "F_l", "attn_in": "attn_in", "ffn_in": "ffn_in", "resid_mid": "resid_mid",
+        "attn_head": "each head's write"}
 
 
 def quantity(component: str, column: str) -> str:
@@ -413,6 +415,51 @@ def lens_figure(
                         f"top-1 next token, colour: {stat}", annot, cell_width=0.55)
 
 
+def heads_figure(run: Run | pd.DataFrame, stat: str = "entropy") -> Figure:
+    """`stat` (default entropy) of each head's write: layers across, heads down, EIC stages in a strip above.
+
+    Reads the `attn_head` rows of the summary (mean over tokens per layer and head). The colours span
+    the grid's own range (single heads' writes are small, so their entropies often sit just below ln|V|:
+    a 0..ln|V| scale would hide their differences); the colour bar says where ln|V| is. The stages (and
+    the boundary line) come from the run's ΔH_FFN, so they are drawn only when the run has `ffn` rows.
+    """
+    run = _as_runs(run)[0]
+    rows = run.summary.loc[run.summary["component"] == "attn_head"]
+    if rows.empty or stat not in rows.columns:
+        raise InputError(f"run '{run.label}' has no '{stat}' for attention heads; profile with --components "
+                         f"...,attn_head{'' if stat == 'entropy' else f' --stats {stat}'}")
+    grid = rows.pivot(index="head", columns="layer", values=stat).sort_index().astype(float)
+    layers, heads = grid.columns.to_numpy(dtype=int), grid.index.to_numpy(dtype=int)
+    bar = by_name(stat).label
+    if by_name(stat).log_vocab_bound and run.vocab_size:
+        bar += f"; ln|V| = {np.log(run.vocab_size):.3f}"
+    with _style():
+        fig = Figure(figsize=(min(3 + 0.45 * len(layers), 20), 2.4 + 0.22 * len(heads)), layout="constrained")
+        strip, ax = fig.subplots(2, 1, sharex=True, height_ratios=(1, max(len(heads), 4) / 1.5))
+        mesh = ax.pcolormesh(np.r_[layers - 0.5, layers[-1] + 0.5], np.r_[heads - 0.5, heads[-1] + 0.5],
+                             grid.to_numpy(), cmap="viridis", gid="heads:grid")
+        fig.colorbar(mesh, ax=[strip, ax], label=bar, pad=0.01)
+        ax.invert_yaxis()
+        ax.set(xlabel=LAYER_AXIS, ylabel="head (0-based)")
+        ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+        _layer_ticks(ax)
+        strip.set_yticks([])
+        strip.grid(False)
+        if run.stages is not None:
+            _shade_stages(strip, run.stages, label=False)
+            for name, (first, last) in run.stages.spans().items():
+                strip.text((first + last) / 2, 0.5, name, ha="center", va="center", fontsize=7,
+                           transform=strip.get_xaxis_transform())
+            _mark_boundary(ax, run.stages, run.label, "white")
+        k = run.stages.boundary_layer if run.stages is not None else None
+        strip.set_title("EIC stages: none (no ffn rows)" if run.stages is None else "EIC stages (from ΔH_FFN)"
+                        + (f"; dotted line: boundary layer {k} (BuPO)" if k is not None else ""), fontsize=8)
+        what = "Entropy" if stat == "entropy" else stat
+        fig.suptitle(f"{what} of each attention head's write, mean over tokens\n"
+                     f"({run.label}, {decoding(run.final_norm)})")
+    return fig
+
+
 def save_figure(
     fig: Figure, out_dir: str | Path, name: str, dpi: int = 150, formats: Sequence[str] = ("png", "pdf")
 ) -> list[Path]:
@@ -426,7 +473,7 @@ def save_figure(
 
 
 _NEEDS = {"flow": {"layer", "attn", "ffn"}, "delta": {"attn", "ffn"}, "cosine": {"attn", "ffn"},
-          "compare": {"layer", "ffn"}}
+          "compare": {"layer", "ffn"}, "heads": {"attn_head"}}
 
 
 def drawable(kind: str, runs: list[Run]) -> bool:
@@ -451,7 +498,7 @@ def unique_labels(runs: list[Run], dirs: list[Path]) -> list[Run]:
 def figures(runs: Sequence[Run], kinds: Sequence[str] = ("all",), record_id: str | None = None,
             stat: str = "entropy") -> Iterator[tuple[str, Figure]]:
     """(name, figure) for each wanted kind, in KINDS order: one shared figure for flow, delta, cosine and
-    compare, one per run for heatmap and lens (named "heatmap-2" ... with several runs).
+    compare, one per run for heatmap, lens and heads (named "heatmap-2" ... with several runs).
 
     "all" = every kind the runs' tables support (compare only with several runs); a kind named
     explicitly is drawn or raises. `stat` is the statistic of the flow, heatmap, lens and compare figures.
@@ -468,7 +515,8 @@ def figures(runs: Sequence[Run], kinds: Sequence[str] = ("all",), record_id: str
             yield kind, draw[kind](runs) if kind in draw else by_stat[kind](runs, stat=stat)
             continue
         for i, run in enumerate(runs):
-            fig = by_stat[kind](run.tokens(), record_id, vocab_size=run.vocab_size, label=run.label, stat=stat)
+            fig = (heads_figure(run, stat=stat) if kind == "heads" else
+                   by_stat[kind](run.tokens(), record_id, vocab_size=run.vocab_size, label=run.label, stat=stat))
             yield (kind if len(runs) == 1 else f"{kind}-{i + 1}"), fig
 
 
@@ -481,9 +529,10 @@ def plot_runs(
 ) -> list[Path]:
     """Draw figures for one or more run folders into OUT_DIR (default RUN_DIR/figures for one run).
 
-    "all" = flow, delta, cosine, heatmap and lens (one per run), plus compare when there are several
-    runs; figures a run's tables cannot support (no tokens.parquet, no `layer` rows, no top-k tokens)
-    are skipped under "all". `stat` is the statistic of the flow, heatmap, lens and compare figures.
+    "all" = flow, delta, cosine, heatmap, lens and heads (one per run), plus compare when there are
+    several runs; figures a run's tables cannot support (no tokens.parquet, no `layer` rows, no top-k
+    tokens, no `attn_head` rows) are skipped under "all". `stat` is the statistic of the flow, heatmap,
+    lens, compare and heads figures.
     The run folders are only read (stages.json is used, never written). Returns the PNG and PDF paths.
     """
     dirs = [Path(d) for d in run_dirs]
@@ -503,5 +552,6 @@ def plot_run(run_dir: str | Path, out_dir: str | Path | None = None, kinds: Sequ
 
 __all__ = [
     "KINDS", "Run", "band", "compare_figure", "cosine_figure", "delta_figure", "figures", "flow_figure",
-    "heatmap_figure", "lens_figure", "plot_run", "plot_runs", "save_figure", "series", "stages_figure", "token_label",
+    "heads_figure", "heatmap_figure", "lens_figure", "plot_run", "plot_runs", "save_figure", "series",
+    "stages_figure", "token_label",
 ]

@@ -17,8 +17,11 @@ forward; `--token-sample` shrinks the rows, not the forward.
 
 A run folder holds:
 - `summary.csv`: one row per (layer, component): for each column (entropy, delta, cos_resid and each
-  statistic) its mean, `_std`, `_se` and the count / sum / sum of squares that merge exactly;
-- `tokens.parquet`: one row per (kept token, layer, component) unless `keep_tokens=False`;
+  statistic) its mean, `_std`, `_se` and the count / sum / sum of squares that merge exactly; with the
+  opt-in component `attn_head`, one row per (layer, head) too and an integer `head` column (0-based
+  within the layer, empty on the other rows; absent from runs without heads);
+- `tokens.parquet`: one row per (kept token, layer, component[, head]) unless `keep_tokens=False`
+  (`attn_head` adds L·n_heads rows per token: use `--no-tokens` for big models);
 - `run.json`: model, settings (`ProfileSettings`), fingerprints, counts, package version, status;
 - `shards/`: what each finished batch wrote (sums, tokens, and a `.done` marker written last).
   An interrupted run resumes from the shards whose marker exists; nothing finished is recomputed,
@@ -47,7 +50,7 @@ from .data import Example, batched, pad_batch, tokenize_records
 from .dist import barrier, rank_world
 from .entropy import Decoder
 from .models import ModelSpec, context_length, describe, pad_token_id
-from .runs import SUMMARY, TOKENS, ProfileResult, RunDir, load_run, read_shard
+from .runs import HEAD_COLUMN, SUMMARY, TOKENS, ProfileResult, RunDir, head_ints, load_run, read_shard
 from .settings import ProfileSettings, describe_change, records_digest, resume_key, text_digest, weights_digest
 from .sites import ORDER, RowHolder, SitePlan, delta_input
 from .stats import decode
@@ -87,8 +90,9 @@ def _decode_forward(model, spec, plan, decoders, group, pad_id, stats, held):
     input_ids, attention_mask = pad_batch(prefixes, pad_id, device)
     width = input_ids.shape[1]
     flat = torch.from_numpy(np.concatenate([row * width + p for row, (_, p) in enumerate(group)]))
-    holder = RowHolder(flat.to(device), held, decoders[0].weight.device)
-    with torch.no_grad(), capture(model, holder, spec):  # logits_to_keep=1: no [B, T, V] output logits
+    holder = RowHolder(flat.to(device), held, decoders[0].weight.device, plan.heads)
+    # logits_to_keep=1: no [B, T, V] output logits
+    with torch.no_grad(), capture(model, holder, spec, heads=bool(plan.heads)):
         model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, logits_to_keep=1)
     targets = torch.from_numpy(np.concatenate([_next_tokens(e, p) for e, p in group]))
     reference = (decoders[1], holder.rows[plan.output]) if plan.output in held else None
@@ -146,12 +150,12 @@ def _profile_batch(model, spec, plan, decoders, batch, pad_id, settings, tokeniz
             "cos_resid": torch.cat(cosines[site]).double() if site in cosines else nan,
             **{c: own[c].double() for st in stats if not st.per_token for c in st.columns if c != "entropy"},
         }
-        row = {"layer": site[0], "component": site[1], "n_tokens": n}
+        row = {"layer": site[0], "component": site[1], **_head_of(plan, site), "n_tokens": n}
         for name, v in columns.items():
             row.update({f"{name}_{k}": x for k, x in _sums(v).items()})
         sums.append(row)
         if settings.keep_tokens:
-            block = pd.DataFrame({"layer": site[0], "component": site[1],
+            block = pd.DataFrame({"layer": site[0], "component": site[1], **_head_of(plan, site),
                                   **{name: v.float().numpy() for name, v in columns.items()}})
             for st in stats:
                 if st.per_token:
@@ -171,7 +175,12 @@ def _profile_batch(model, spec, plan, decoders, batch, pad_id, settings, tokeniz
         ids["token"] = _texts(token_ids, tokenizer)
         head = pd.DataFrame(ids)
         tokens = _sort_tokens([pd.concat([head, block], axis=1) for block in blocks])
-    return pd.DataFrame(sums), tokens, n
+    return head_ints(pd.DataFrame(sums)), tokens, n
+
+
+def _head_of(plan: SitePlan, site) -> dict:
+    """The `head` entry of a table row: the head of an `attn_head` site, <NA> elsewhere, none without heads."""
+    return {HEAD_COLUMN: site[2] if len(site) > 2 else pd.NA} if plan.heads else {}
 
 
 def summarize(sums: pd.DataFrame) -> pd.DataFrame:
@@ -179,9 +188,11 @@ def summarize(sums: pd.DataFrame) -> pd.DataFrame:
 
     Every `<name>_sum` column gives `<name>` (mean over its `<name>_n` finite values), `<name>_std`
     and `<name>_se`; the counts and sums are kept so that summaries merge again."""
-    totals = sums.groupby(["layer", "component"], sort=False, as_index=False).sum(min_count=1)
+    sums = head_ints(sums)
+    keys = ["layer", "component", *([HEAD_COLUMN] if HEAD_COLUMN in sums.columns else [])]
+    totals = sums.groupby(keys, sort=False, as_index=False, dropna=False).sum(min_count=1)
     names = [c.removesuffix("_sum") for c in sums.columns if c.endswith("_sum")]
-    out = totals[["layer", "component"]].copy()
+    out = totals[keys].copy()
     for name in names:
         n = totals[f"{name}_n"].astype(float)
         mean = totals[f"{name}_sum"] / n
@@ -195,15 +206,16 @@ def summarize(sums: pd.DataFrame) -> pd.DataFrame:
         out[f"{name}_sum"] = totals[f"{name}_sum"]
         out[f"{name}_sumsq"] = totals[f"{name}_sumsq"]
     out["component"] = pd.Categorical(out["component"], categories=ORDER, ordered=True)
-    out = out.sort_values(["layer", "component"]).reset_index(drop=True)
+    out = out.sort_values(keys).reset_index(drop=True)
     out["component"] = out["component"].astype(str)
     return out
 
 
 def _sort_tokens(parts: list[pd.DataFrame]) -> pd.DataFrame:
-    """One batch's per-token table in a stable order: record, position, then layer and forward order."""
-    tokens = pd.concat(parts, ignore_index=True)
+    """One batch's per-token table in a stable order: record, position, then layer, forward order and head."""
+    tokens = head_ints(pd.concat(parts, ignore_index=True))
     rank = tokens["component"].map({c: i for i, c in enumerate(ORDER)})
+    # lexsort is stable: the heads of a layer stay in the order of the parts (the plan's, head 0 first)
     order = np.lexsort((rank.to_numpy(), tokens["layer"].to_numpy(), tokens["position"].to_numpy(),
                         tokens["record_id"].to_numpy().astype(str)))
     return tokens.iloc[order].reset_index(drop=True)

@@ -42,6 +42,8 @@ GENERATION = "generation"
 GENERATION_SETTINGS = Path(GENERATION) / "settings.json"
 SUMMARY_COLUMNS = ("layer", "component", "n_tokens")
 """Columns every summary.csv has, whatever statistics it holds."""
+HEAD_COLUMN = "head"
+"""Column of a run with `attn_head` rows: the 0-based head within the layer (<NA> on the other rows)."""
 SHARD_FILE = re.compile(r"[0-9a-f]{16}\.([a-z_]+\.parquet|done)(\.tmp)?")
 """Names of the files a run writes into `shards/` (a batch's hash, what it holds, `.tmp` while written)."""
 SIGNATURES = ((RUN_JSON, "layer_numbering"), (RUN_JSON, "fci"), (GENERATION_SETTINGS, "prompt_ids_sha1"))
@@ -278,6 +280,11 @@ def read_shard(path: Path):
                          f"{path.name[:16]}.done marker, then --resume to recompute that batch") from None
 
 
+def head_ints(table: pd.DataFrame) -> pd.DataFrame:
+    """The head column as nullable integers (a CSV round trip or a concatenation may have made it float)."""
+    return table.astype({HEAD_COLUMN: "Int64"}) if HEAD_COLUMN in table.columns else table
+
+
 @dataclass
 class ProfileResult:
     """Tables of one run: `summary` (per layer × component), `tokens` (per token, or None), `meta`.
@@ -331,4 +338,4 @@ def load_run(run_dir: str | Path) -> ProfileResult:
     if missing or summary.empty:
         raise InputError(f"{path / SUMMARY} is not a profile summary ("
                          f"{f'no columns {missing}' if missing else 'no rows'}); profile again to rewrite it")
-    return ProfileResult(summary, meta, path)
+    return ProfileResult(head_ints(summary), meta, path)

@@ -28,7 +28,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 from pathlib import Path
 
-from .capture import COMPONENTS
+from .capture import ALL_COMPONENTS, COMPONENTS, HEAD
 from .errors import InputError
 from .stats import NAMES, TOPK_MAX, Statistic, parse_alpha, resolve
 
@@ -56,8 +56,9 @@ def _option(default, help: str, *, parse=None, flag: str | None = None, key: boo
 class ProfileSettings:
     """What a profiling run computes; every field is also an `internal-policy profile` flag (see module docstring)."""
 
-    components: tuple[str, ...] = _option(COMPONENTS, f"comma-separated subset of {','.join(COMPONENTS)}",
-                                          parse=_csv)
+    components: tuple[str, ...] = _option(COMPONENTS, f"comma-separated subset of {','.join(ALL_COMPONENTS)}; "
+                                          f"{HEAD} (one row per attention head, opt-in: its cost grows with the "
+                                          "number of heads) is not in the default", parse=_csv)
     stats: tuple[str, ...] = _option(("entropy",), f"statistics to compute, comma-separated: {', '.join(NAMES)} "
                                      "or all (every scalar one); entropy is always computed", parse=_csv)
     renyi_alpha: tuple[float, ...] = _option((), "Rényi orders to add as renyi<α> columns, e.g. 0.5,2,inf",
@@ -80,10 +81,11 @@ class ProfileSettings:
 
     def __post_init__(self):
         set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731 (frozen dataclass)
-        unknown = [c for c in self.components if c not in COMPONENTS]
+        unknown = [c for c in self.components if c not in ALL_COMPONENTS]
         if unknown or not self.components:
-            raise InputError(f"unknown component(s) {unknown or '(none given)'}; choose from {', '.join(COMPONENTS)}")
-        set_("components", tuple(c for c in COMPONENTS if c in self.components))
+            raise InputError(f"unknown component(s) {unknown or '(none given)'}; "
+                             f"choose from {', '.join(ALL_COMPONENTS)}")
+        set_("components", tuple(c for c in ALL_COMPONENTS if c in self.components))
         chosen = resolve(self.stats, self.renyi_alpha, self.topk)  # validates names, orders and k
         set_("stats", tuple(st.name for st in chosen))
         set_("renyi_alpha", ())  # folded into `stats` as renyi<α> names: one spelling per request

@@ -9,7 +9,8 @@ from ..plot import KINDS
 
 def register(sub: argparse._SubParsersAction) -> None:
     """Add `plot` and its options to the subcommands."""
-    p = sub.add_parser("plot", help="draw the entropy-flow, ΔH, cosine, heatmap, logit-lens and comparison figures",
+    p = sub.add_parser("plot", help="draw the entropy-flow, ΔH, cosine, heatmap, logit-lens, comparison and heads "
+                                    "figures",
                        description="Draw figures from profile run folders (summary.csv, tokens.parquet, run.json); "
                                    "the runs' files are only read.")
     p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="folder(s) written by `internal-policy profile`")
@@ -18,7 +19,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--kind", action="append", choices=(*KINDS, "all"), default=None,
                    help="figure to draw; repeat for several (default: all)")
     p.add_argument("--record", default=None, help="record id for the heatmap and lens figures (default: the first)")
-    p.add_argument("--stat", default="entropy", help="statistic of the flow, heatmap, lens and compare figures "
+    p.add_argument("--stat", default="entropy", help="statistic of the flow, heatmap, lens, compare and heads figures "
                                                      "(a column the run has, e.g. nll, rank, kl_out, renyi2)")
     p.set_defaults(handler=run)
 
