@@ -10,6 +10,7 @@ import argparse
 from importlib import resources
 from pathlib import Path
 
+from ..bupo.rewards import SCORERS
 from ..generate import ENGINES
 from ..settings import ProfileSettings
 
@@ -48,6 +49,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--max-new-tokens", type=int, default=512, help="paper's analysis: 3072")
     g.add_argument("--engine", choices=ENGINES, default="auto",
                    help="auto: vLLM when installed and a GPU is present, else HF generate")
+    g.add_argument("--scorer", choices=tuple(SCORERS), default="math-verify",
+                   help="answer checker for records with a gold answer (answer, reward_model.ground_truth, solution): "
+                        "each response gets `correct` 0/1; math-verify is symbolic, official the paper code's rule")
     g.add_argument("--gen-batch-size", type=int, default=None,
                    help="rows per generation batch (default: --batch-size; 256 with vLLM)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
@@ -106,7 +110,7 @@ def run(args: argparse.Namespace) -> int:
         records = generate(model, tokenizer, records, sampling, chat=settings.chat, engine=engine, out_dir=args.out,
                            batch_size=args.gen_batch_size or (256 if engine == "vllm" else settings.batch_size),
                            model_path=args.model or str(default_model_path()), resume=args.resume,
-                           progress=not args.quiet)
+                           progress=not args.quiet, scorer=args.scorer)
     result = profile(model, tokenizer, records, settings, out_dir=args.out, resume=args.resume,
                      progress=not args.quiet, model_name=args.model or "stories260K (embedded)")
     if dist.rank_world()[0] == 0:
