@@ -221,7 +221,7 @@ def score_responses(responses: Sequence[Mapping], records: Sequence[Mapping], sc
     scored = []
     for response in responses:
         fields = extra[response["prompt_id"]]
-        out = {**{k: v for k, v in fields.items() if k not in response and k != "correct"}, **response}
+        out = {**response, **{k: v for k, v in fields.items() if k not in response and k != "correct"}}
         if "answer" in fields:
             out["correct"] = int(check(response["response"], fields["answer"]))
         scored.append(out)

@@ -3,7 +3,9 @@ with the EIC stages), Fig. 12 (residual cosines), a token × layer heatmap, the 
 grid (top-1 decoded token per layer and position) and a model comparison. The flow, heatmap,
 lens and comparison figures show any statistic of the run (`stat`, default entropy).
 
-A figure never recomputes entropies: it reads the summary / tokens tables of a run folder
+A run profiled with `--group-by FIELD` draws its flow and delta figures with one curve per value of the
+field (e.g. `correct` = 0 / 1), each with its 95 % confidence band over tokens; the other figures
+show the overall profile. A figure never recomputes entropies: it reads the summary / tokens tables of a run folder
 (``summary.csv``, ``tokens.parquet``, ``run.json``, ``stages.json``). Figures are built with
 ``matplotlib.figure.Figure`` (no pyplot, so no global state and no GUI backend; PNG/PDF are written
 by Agg), styled inside a local seaborn context: "whitegrid", DejaVu Sans, the colour-blind palette.
@@ -69,6 +71,8 @@ class Run:
     stages: Stages | None = None
     tokens_path: Path | None = None
     final_norm: bool = False
+    groups: pd.DataFrame | None = None
+    group_by: str | None = None
 
     @property
     def n_layers(self) -> int:
@@ -87,7 +91,17 @@ class Run:
             stages=run_stages(run_dir) if has_ffn else None,
             tokens_path=Path(run_dir) / TOKENS,
             final_norm=bool(result.meta.get("final_norm", False)),
+            groups=result.groups,
+            group_by=result.meta.get("group_by"),
         )
+
+    def by_group(self) -> list[Run]:
+        """One run per value of the `--group-by` field (label "model: field=value"), or [self] without groups."""
+        if self.groups is None:
+            return [self]
+        return [replace(self, summary=rows.drop(columns="group").reset_index(drop=True), stages=None, groups=None,
+                        label=f"{self.label}: {self.group_by or 'group'}={value}")
+                for value, rows in self.groups.groupby("group", sort=False)]
 
     def tokens(self) -> pd.DataFrame:
         """The per-token table (tokens.parquet), read on demand: it can be large."""
@@ -150,12 +164,14 @@ def _legend(fig: Figure, axes, extra: Sequence = ()) -> None:
                    ncols=min(len(handles), 3))
 
 
-def flow_figure(runs: Run | pd.DataFrame | Sequence[Run | pd.DataFrame], stat: str = "entropy") -> Figure:
+def flow_figure(runs: Run | pd.DataFrame | Sequence[Run | pd.DataFrame], stat: str = "entropy",
+                band_kind: str | None = None) -> Figure:
     """Fig. 2: H(H_{l-1}), H(A_l), H(F_l), H(H_l) for every layer, one connected line per model.
 
     Each line has 3L + 1 points: H_0 at x = 0, then A_l, F_l, H_l at x = l - 2/3, l - 1/3, l
     (H_{l-1} of layer l is the H_l point of layer l - 1). ln|V| is drawn where the vocabulary is known
     and the statistic is an entropy. `stat` plots another statistic of the run the same way.
+    `band_kind` ("ci" or "std", see `band`) shades a band around each line (used for groups).
     """
     runs = _as_runs(runs)
     entropy_like = by_name(stat).log_vocab_bound
@@ -169,6 +185,10 @@ def flow_figure(runs: Run | pd.DataFrame | Sequence[Run | pd.DataFrame], stat: s
             x = np.r_[0.0, np.column_stack([layers - 2 / 3, layers - 1 / 3, layers]).ravel()]
             y = np.r_[h[0], np.column_stack([a[layers], f[layers], h[layers]]).ravel()]
             ax.plot(x, y, color=colour, lw=1.4, label=run.label, gid=f"flow:{run.label}")
+            if band_kind is not None:
+                hw, aw, fw = (band(run.summary, c, stat, band_kind) for c in ("layer", "attn", "ffn"))
+                half = np.r_[hw[0], np.column_stack([aw[layers], fw[layers], hw[layers]]).ravel()]
+                ax.fill_between(x, y - half, y + half, color=colour, alpha=0.2, lw=0, gid=f"band:flow:{run.label}")
             for k, comp in enumerate(("layer", "attn", "ffn")):
                 pts = slice(0, None, 3) if comp == "layer" else slice(k, None, 3)
                 ax.scatter(x[pts], y[pts], marker=markers[comp][0], s=22, color=colour, zorder=3)
@@ -460,6 +480,7 @@ def plot_runs(
     "all" = flow, delta, cosine, heatmap and lens (one per run), plus compare when there are several
     runs; figures a run's tables cannot support (no tokens.parquet, no `layer` rows, no top-k tokens)
     are skipped under "all". `stat` is the statistic of the flow, heatmap, lens and compare figures.
+    Runs profiled with `--group-by` draw one flow / delta curve per group, with 95 % CI bands.
     The run folders are only read (stages.json is used, never written). Returns the PNG and PDF paths.
     """
     dirs = [Path(d) for d in run_dirs]
@@ -472,18 +493,21 @@ def plot_runs(
     if unknown:
         raise InputError(f"unknown figure kind(s) {sorted(unknown)}; choose from {', '.join(KINDS)}, all")
     runs = _unique_labels([Run.from_dir(d) for d in dirs], dirs)
+    curves = [g for r in runs for g in r.by_group()]  # flow and delta: one curve per group where there are groups
+    grouped = len(curves) > len(runs)
     auto = {k for k in KINDS if (k != "compare" or len(runs) > 1) and _drawable(k, runs)} if "all" in kinds else set()
     wanted = [k for k in KINDS if k in kinds or k in auto]
-    by_stat = {"flow": flow_figure, "compare": compare_figure, "heatmap": heatmap_figure, "lens": lens_figure}
-    draw = {"delta": delta_figure, "cosine": cosine_figure}
+    whole = {"flow": lambda: flow_figure(curves, stat=stat, band_kind="ci" if grouped else None),
+             "delta": lambda: delta_figure(curves), "cosine": lambda: cosine_figure(runs),
+             "compare": lambda: compare_figure(runs, stat=stat)}
+    per_run = {"heatmap": heatmap_figure, "lens": lens_figure}
     paths: list[Path] = []
     for kind in wanted:
-        if kind in draw or kind in ("flow", "compare"):
-            fig = draw[kind](runs) if kind in draw else by_stat[kind](runs, stat=stat)
-            paths += save_figure(fig, out, kind)
+        if kind in whole:
+            paths += save_figure(whole[kind](), out, kind)
             continue
         for i, run in enumerate(runs):
-            fig = by_stat[kind](run.tokens(), record_id, vocab_size=run.vocab_size, label=run.label, stat=stat)
+            fig = per_run[kind](run.tokens(), record_id, vocab_size=run.vocab_size, label=run.label, stat=stat)
             paths += save_figure(fig, out, kind if len(runs) == 1 else f"{kind}-{i + 1}")
     return paths
 

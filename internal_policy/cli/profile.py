@@ -130,8 +130,12 @@ def _report(result, args: argparse.Namespace) -> None:
     if not layers.empty:
         flow = "  ".join(f"L{int(r.layer)}={r.entropy:.3f}" for r in layers.itertuples())
         print(f"layer entropy (nats, raw decoding{' + final norm' if result.meta['final_norm'] else ''}): {flow}")
+    if result.groups is not None:
+        field = result.meta["group_by"]
+        counts = result.records.drop_duplicates("record_id")[field].astype(str).value_counts(sort=False)
+        print(f"--group-by {field}: " + ", ".join(f"{value}: {n} records" for value, n in counts.items()))
     print(f"{result.meta['n_records']} records, {result.meta['n_tokens']} tokens -> "
-          f"{out / 'summary.csv'}, {out / 'run.json'}"
+          f"{out / 'summary.csv'}, {out / 'records.parquet'}, {out / 'run.json'}"
           + (f", {out / 'tokens.parquet'}" if result.meta["keep_tokens"] else ""))
     if args.plot:
         from ..plot import plot_run
