@@ -5,8 +5,9 @@ and reports the cross-validated ROC AUC of predicting a binary record field (`co
 from one statistic at every (layer, component) of the chosen components: a scikit-learn pipeline of
 `StandardScaler` and `LogisticRegression`, scored on seeded `StratifiedKFold` splits. Two references
 say what the AUC means:
-- a label-permutation baseline: the same cross-validation with the labels shuffled (`permutations`
-  seeded shuffles); its mean is ≈ 0.5 and its spread is how far chance alone moves the AUC at this size;
+- a label-permutation baseline: the same procedure (folds stratified on the shuffled labels, fit, score) on
+  `permutations` seeded shuffles of the labels; its mean is ≈ 0.5 and its spread is how far chance alone
+  moves the AUC at this size;
 - which layers carry the signal: the same cross-validated AUC from each (layer, component) alone,
   with its own permutation baseline, and `mean_diff` = mean of the statistic over positive records −
   over negative ones (the direction). Single-feature AUCs were chosen over the coefficients of the full
@@ -132,8 +133,6 @@ def _plain(value):
 
 def _splits(y: np.ndarray, groups: np.ndarray | None, folds: int, seed: int) -> list:
     """Seeded stratified folds (grouped: all records of a group in one fold); checks each fold can be scored."""
-    from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
-
     counts = np.bincount(y, minlength=2)
     if folds < 2:
         raise InputError(f"--folds must be at least 2, got {folds}")
@@ -141,12 +140,19 @@ def _splits(y: np.ndarray, groups: np.ndarray | None, folds: int, seed: int) -> 
         raise InputError(f"{len(y)} records ({counts[1]} positive, {counts[0]} negative) are too few for {folds} "
                          "stratified folds (each class needs at least one record per fold); lower --folds or "
                          "profile more records")
-    cv = (StratifiedGroupKFold(folds, shuffle=True, random_state=seed) if groups is not None
-          else StratifiedKFold(folds, shuffle=True, random_state=seed))
-    splits = list(cv.split(np.zeros(len(y)), y, groups))
+    splits = _folds(y, groups, folds, seed)
     if any(len(np.unique(y[test])) < 2 for _, test in splits):
         raise InputError(f"with --group-folds, some of the {folds} folds hold one class only; lower --folds")
     return splits
+
+
+def _folds(y: np.ndarray, groups: np.ndarray | None, folds: int, seed: int) -> list:
+    """The (train, test) index pairs of seeded StratifiedKFold, or StratifiedGroupKFold with `groups`."""
+    from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
+
+    cv = (StratifiedGroupKFold(folds, shuffle=True, random_state=seed) if groups is not None
+          else StratifiedKFold(folds, shuffle=True, random_state=seed))
+    return list(cv.split(np.zeros(len(y)), y, groups))
 
 
 def _cv_auc(x: np.ndarray, y: np.ndarray, splits: list) -> np.ndarray:
@@ -160,9 +166,10 @@ def _cv_auc(x: np.ndarray, y: np.ndarray, splits: list) -> np.ndarray:
     return cross_val_score(model, x, y, cv=splits, scoring="roc_auc")
 
 
-def _row(x: np.ndarray, y: np.ndarray, splits: list, shuffles: list[np.ndarray]) -> dict:
+def _row(x: np.ndarray, y: np.ndarray, splits: list, nulls: list[tuple[np.ndarray, list]]) -> dict:
+    """AUC over the folds, and the mean AUC of each (permuted labels, their folds) of the baseline."""
     folds = _cv_auc(x, y, splits)
-    null = np.array([_cv_auc(x, y[order], splits).mean() for order in shuffles])
+    null = np.array([_cv_auc(x, labels, where).mean() for labels, where in nulls])
     return {"auc": folds.mean(), "auc_std": folds.std(), "perm_auc": null.mean(),
             "perm_auc_std": null.std(ddof=1) if len(null) > 1 else 0.0}
 
@@ -191,14 +198,18 @@ def predict(
     groups = (records.drop_duplicates("record_id").set_index("record_id")[group_folds].reindex(ids).to_numpy()
               if group_folds else None)
     splits = _splits(y, groups, folds, seed)
+    # the baseline reruns the whole procedure on shuffled labels, folds stratified on them; folds left with one
+    # class (grouped folds, few positives) are not scored
     rng = np.random.default_rng(seed)
-    shuffles = [rng.permutation(len(y)) for _ in range(permutations)]
+    shuffled = [y[rng.permutation(len(y))] for _ in range(permutations)]
+    nulls = [(labels, [(a, b) for a, b in _folds(labels, groups, folds, seed) if len(np.unique(labels[b])) == 2])
+             for labels in shuffled]
     x = features.to_numpy(float)
     with threadpool_limits(1):  # thousands of tiny fits: BLAS threads only add overhead (10x here)
-        rows = [{"component": "all", "layer": np.nan, **_row(x, y, splits, shuffles), "mean_diff": np.nan}]
+        rows = [{"component": "all", "layer": np.nan, **_row(x, y, splits, nulls), "mean_diff": np.nan}]
         for k, (component, layer) in enumerate(features.columns):
             diff = x[y == 1, k].mean() - x[y == 0, k].mean()
-            rows.append({"component": component, "layer": layer, **_row(x[:, [k]], y, splits, shuffles),
+            rows.append({"component": component, "layer": layer, **_row(x[:, [k]], y, splits, nulls),
                          "mean_diff": diff})
     table = pd.DataFrame(rows).astype({"layer": "Int64"})
     best = table.iloc[1:]["auc"].idxmax()

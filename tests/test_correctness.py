@@ -232,6 +232,8 @@ def test_group_folds_keep_a_prompt_in_one_fold():
         assert not set(prompts[train]) & set(prompts[test])
     leaky = predict_module._splits(y, None, 5, 0)
     assert any(set(prompts[train]) & set(prompts[test]) for train, test in leaky)  # what grouping prevents
+    few = predict(_planted(n=60, positives=10), permutations=10, group_folds="prompt_id")  # 10 positives, 20 prompts
+    assert few.auc > 0.8 and np.isfinite(few.table["perm_auc"]).all() and abs(few.meta["perm_auc"] - 0.5) < 0.15
     with pytest.raises(InputError, match="--group-folds colour: the records have no field"):
         predict(table, group_folds="colour")
 
