@@ -119,7 +119,19 @@ def mentions_cat(model, tokenizer, folder: Path, n: int = 6, max_new_tokens: int
     top = layer[layer["layer"] == top_layer].set_index("record_id")["entropy"].loc[[r["id"] for r in responses]]
     return {"n": len(responses), "n_positive": int(labels.sum()), "max_new_tokens": max_new_tokens,
             "n_lengths": len({len(r["response_ids"]) for r in responses}), "results": results, "top_layer": top_layer,
-            "top_entropy": {k: float(top.to_numpy()[labels == k].mean()) for k in (0, 1)}}
+            "top_entropy": {k: float(top.to_numpy()[labels == k].mean()) for k in (0, 1)},
+            "gap": _largest_gap(run.groups)}
+
+
+def _largest_gap(groups: pd.DataFrame) -> dict:
+    """Largest |ΔH difference| between the two groups over layers, per module, and its 95 % CI half-width."""
+    rows = groups[groups["component"].isin(["attn", "ffn"])].pivot_table(
+        index=["component", "layer"], columns="group", values=["delta", "delta_se"])
+    gap = (rows["delta"]["1"] - rows["delta"]["0"]).abs()
+    half = 1.96 * np.sqrt(rows["delta_se"]["1"] ** 2 + rows["delta_se"]["0"] ** 2)
+    where = gap.idxmax()
+    return {"component": where[0], "layer": int(where[1]), "gap": float(gap[where]), "half": float(half[where]),
+            "low": float(rows["delta"].min().min()), "high": float(rows["delta"].max().max())}
 
 
 def main() -> None:
@@ -138,6 +150,7 @@ def main() -> None:
 def write_report(syn: list[dict], maths: dict, fin: dict, minutes: float) -> None:
     strong = syn[-1]
     null = syn[0]
+    lengths = "all the same length" if fin["n_lengths"] == 1 else f"{fin['n_lengths']} distinct lengths"
     lines = [
         "# Profiles against correctness on stories260K (issue 11, item 3)",
         "",
@@ -179,17 +192,16 @@ def write_report(syn: list[dict], maths: dict, fin: dict, minutes: float) -> Non
         "## 3. A real verifiable label: does the story mention a cat?",
         "",
         f"{len(OPENINGS)} story openings × 6 samples = {fin['n']} responses of {fin['max_new_tokens']} tokens "
-        f"({'all the same length' if fin['n_lengths'] == 1 else f\"{fin['n_lengths']} distinct lengths\"}: the "
-        "model does not stop early here, so length cannot confound); {fin['n_positive']} mention \"cat\" (`mentions_cat` = 1, the toy reward `word:cat`). "
+        f"({lengths}: the model does not stop early here, so length cannot confound); {fin['n_positive']} mention \"cat\" (`mentions_cat` = 1, the toy reward `word:cat`). "
         "Folds grouped by prompt (`--group-folds prompt_id`), 20 permutations:",
         "",
-        "| features | CV ROC AUC ± sd over folds | permuted labels: mean ± sd | strongest single feature (AUC) |",
+        "| features | CV ROC AUC ± sd over folds | permuted labels: mean ± sd | strongest single feature: component, layer (AUC) |",
         "|---|---|---|---|",
     ]
     for name, result in fin["results"].items():
         first, top = result.table.iloc[0], result.meta["top"]
         lines.append(f"| {name}, every layer | {first.auc:.3f} ± {first.auc_std:.3f} | {first.perm_auc:.3f} ± "
-                     f"{first.perm_auc_std:.3f} | layer {top['layer']} {top['component']} ({top['auc']:.3f}) |")
+                     f"{first.perm_auc_std:.3f} | {top['component']} {top['layer']} ({top['auc']:.3f}) |")
     ent = fin["top_entropy"]
     main_ = fin["results"]["entropy of H_l"].table.iloc[0]
     above = main_.auc - main_.perm_auc > 2 * main_.perm_auc_std
@@ -208,6 +220,10 @@ def write_report(syn: list[dict], maths: dict, fin: dict, minutes: float) -> Non
         "the few tokens that decide the label with hundreds that do not, the label is about content (a word) "
         "rather than about being right, and with "
         f"{fin['n_positive']} positives the fold-to-fold spread is large.",
+        "",
+        f"The ΔH curves of the two groups (figure) differ most at {fin['gap']['component']} {fin['gap']['layer']}: by "
+        f"{fin['gap']['gap']:.3f} nats (95 % CI of the difference over tokens ± {fin['gap']['half']:.3f}), against "
+        f"ΔH values from {fin['gap']['low']:.2f} to {fin['gap']['high']:.2f} nats.",
         "",
         "![ΔH per module, one curve per value of `mentions_cat`, 95 % CI over tokens](correctness_stories.png)",
         "",
