@@ -28,21 +28,10 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
+from attnrl_stories import OPENINGS, WORD  # noqa: E402  (the same story openings and word)
 
 HERE = Path(__file__).parent
-OPENINGS = [
-    "Once upon a time, there was a little", "One day, a girl named Lily", "Tom and his mom went to the",
-    "The sun was shining and", "There was a big", "Sam wanted to play with", "Lily and Ben were", "One morning,",
-    "A little boy named Tim", "Mia had a red", "The dog was very", "It was a sunny day. Anna",
-    "Jack saw a bird", "Sue liked to", "Once there was a happy", "Max and his dad",
-    "Ben had a new", "One day, Timmy went", "The little girl was sad because", "Lucy found a shiny",
-    "In a small house there lived", "The rain came down and", "Grandma made a", "Two friends went to the",
-    "Emma looked out of the window and", "The old man had a", "A bunny hopped into the", "Kate and her brother",
-    "The boat was on the", "One night, the moon", "Joe wanted a", "At the park, the kids",
-]
-"""Story openings (those of analyses/attnrl_stories.py)."""
 EFFECTS = (0.0, 0.3, 0.6, 1.2)
-WORD = "cat"
 
 
 def planted(effect: float, n: int = 60, positives: int = 24, layer: int = 3, seed: int = 0) -> pd.DataFrame:

@@ -197,6 +197,8 @@ def flow_figure(runs: Run | pd.DataFrame | Sequence[Run | pd.DataFrame], stat: s
             ax.axhline(np.log(v), ls=":", color=colour, lw=1.2, label=f"ln|V| = {np.log(v):.2f} (|V| = {v:,})")
         modes = sorted({decoding(r.final_norm) for r in runs})
         title = f"{stat.capitalize() if stat == 'entropy' else stat} flow through the layers ({' / '.join(modes)})"
+        if band_kind is not None:
+            title += "\nbands: " + ("95 % CI of the mean over tokens" if band_kind == "ci" else "± 1 std over tokens")
         ax.set(xlabel=LAYER_AXIS, ylabel=by_name(stat).label, title=title)
         if entropy_like:
             ax.set_ylim(bottom=0)
