@@ -285,6 +285,8 @@ class _RunDir:
         atomic_write(self.path / "summary.csv", lambda p: _with_groups(summary, groups).to_csv(p, index=False))
         if records is not None:
             atomic_write(self.path / RECORDS, lambda p: records.to_parquet(p, index=False))
+        else:
+            (self.path / RECORDS).unlink(missing_ok=True)  # ours, and no longer covering every shard
         if keep_tokens:
             atomic_write(self.path / "tokens.parquet",
                           lambda p: _concat_parquet([self.shards / f"{n}.tokens.parquet" for n in names], p))

@@ -141,6 +141,31 @@ def test_group_by_any_field_and_missing_field_errors(stories, scored, capsys):
         profile(model, tok, responses, group_by="colour", progress=False)
 
 
+def test_resume_regroups_without_recomputing_and_old_shards_lose_only_the_records(stories, scored, tmp_path,
+                                                                                    monkeypatch):
+    import shutil
+
+    model, tok = stories
+    responses, out, run = scored
+    answered = [r for r in responses if "correct" in r]
+    copy = tmp_path / "run"
+    shutil.copytree(out, copy)
+    monkeypatch.setattr(importlib.import_module("internal_policy.profile"), "decode", None)  # nothing is decoded
+    again = profile(model, tok, answered, stats=["entropy", "nll"], batch_size=3, out_dir=copy, group_by="level",
+                    resume=True, progress=False)
+    assert set(load_run(copy).groups["group"]) == {"easy", "hard"}
+    pd.testing.assert_frame_equal(again.summary, run.summary)
+    pd.testing.assert_frame_equal(load_run(copy).records, run.records)
+    next((copy / "shards").glob("*.records.parquet")).unlink()  # a shard written before records.parquet existed
+    with pytest.raises(InputError, match="--group-by needs per-record sums, which shards of an older version lack"):
+        profile(model, tok, answered, stats=["entropy", "nll"], batch_size=3, out_dir=copy, group_by="level",
+                resume=True, progress=False)
+    old = profile(model, tok, answered, stats=["entropy", "nll"], batch_size=3, out_dir=copy, resume=True,
+                  progress=False)
+    assert old.records is None and not (copy / "records.parquet").exists()
+    pd.testing.assert_frame_equal(old.summary, run.summary)
+
+
 def test_grouped_figures_draw_one_curve_and_band_per_group(scored):
     _, out, _ = scored
     run = Run.from_dir(out)
