@@ -11,6 +11,7 @@ from .entropy import Decoder, entropy_from_logits
 from .generate import Sampling, generate
 from .inputs import read_records
 from .models import ModelSpec, UnsupportedModelError, describe, load_model
+from .predict import Prediction, predict
 from .profile import ProfileResult, load_run, profile
 from .report import write_report
 from .settings import ProfileSettings
@@ -20,6 +21,7 @@ __all__ = [
     "COMPONENTS",
     "Decoder",
     "ModelSpec",
+    "Prediction",
     "ProfileResult",
     "ProfileSettings",
     "Sampling",
@@ -34,6 +36,7 @@ __all__ = [
     "load_branch_points",
     "load_model",
     "load_run",
+    "predict",
     "profile",
     "read_records",
     "write_report",

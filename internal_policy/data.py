@@ -80,6 +80,17 @@ def record_id(record: Mapping, index: int) -> str:
     return str(record.get("id", index))
 
 
+CONTENT_FIELDS = frozenset({"id", "text", "prompt", "response", "messages", "prompt_ids", "response_ids"})
+"""Fields that hold a record's content or id, not a property of it (see `record_fields`)."""
+
+
+def record_fields(record: Mapping) -> dict:
+    """A record's scalar properties (e.g. `correct`, `answer`, `level`): its str / int / float / bool fields
+    besides its content and id (`CONTENT_FIELDS`) and the reader's own `_line`."""
+    return {k: v for k, v in record.items() if isinstance(v, (str, int, float, bool)) and k not in CONTENT_FIELDS
+            and not k.startswith("_")}
+
+
 def _where(record: Mapping, index: int) -> str:
     line = record.get("_line")
     return f"record {record_id(record, index)}" + (f" (line {line})" if line else "")

@@ -14,6 +14,13 @@ Work is split into batches of rows (prompt, sample), longest prompts first; each
 is done, so an interrupted run resumes with identical samples and loses nothing finished. Under
 torch.distributed each rank takes every world_size-th batch. `responses.jsonl` holds all responses
 in input order (prompt by prompt, sample by sample).
+
+Responses carry their prompt record's scalar fields (`data.record_fields`, e.g. a MATH `level`), and
+where the prompt has a gold answer (`answer`, `reward_model.ground_truth`, `final_answer` or a
+`solution`'s last box: `bupo.data.gold_answer`) also `answer` and `correct` (1 when the response's
+last `\\boxed{}` matches it by the chosen checker, `bupo.rewards.SCORERS`; else 0). A response to a
+prompt without a gold answer has no `correct` at all, never a silent 0. Scoring happens when the
+responses are assembled, so a resumed generation scores its earlier batches the same way.
 """
 
 from __future__ import annotations
@@ -29,7 +36,9 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .data import prompt_ids, prompt_of, record_id
+from .bupo.data import gold_answer
+from .bupo.rewards import SCORERS
+from .data import prompt_ids, prompt_of, record_fields, record_id
 from .dist import barrier, rank_world
 from .errors import InputError
 from .models import context_length, pad_token_id
@@ -150,13 +159,18 @@ def generate(
     out_dir: str | Path | None = None,
     resume: bool = False,
     progress: bool = True,
+    scorer: str = "math-verify",
 ) -> list[dict]:
     """Sample `sampling.n` responses per prompt record; with `out_dir`, save them (resumable, see module doc).
 
     Returns response records `{id, prompt_id, sample, prompt, response, prompt_ids, response_ids,
-    finished}` in input order, ready for `profile`. `model_path` is needed by vLLM only.
+    finished}` plus the prompt's scalar fields and, for prompts with a gold answer, `answer` and
+    `correct` (`scorer`: a `bupo.rewards.SCORERS` name), in input order, ready for `profile`.
+    `model_path` is needed by vLLM only.
     """
     sampling.check()
+    if scorer not in SCORERS:
+        raise InputError(f"unknown scorer {scorer!r}; choose one of {', '.join(SCORERS)}")
     if batch_size < 1:
         raise InputError(f"batch_size must be at least 1, got {batch_size}")
     engine = pick_engine(engine)
@@ -186,8 +200,8 @@ def generate(
             barrier()
             done = run.finished_batches()
         index_of = {p[0]: i for i, p in enumerate(prompts)}
-        responses = sorted((r for b in range(len(batches)) for r in done[b]),
-                           key=lambda r: (index_of[r["prompt_id"]], r["sample"]))
+        responses = score_responses(sorted((r for b in range(len(batches)) for r in done[b]),
+                                           key=lambda r: (index_of[r["prompt_id"]], r["sample"])), records, scorer)
         if run is not None and rank == 0:
             write_jsonl(run.path / RESPONSES, responses)
         barrier()
@@ -195,6 +209,24 @@ def generate(
         if run is not None and run.lock is not None:
             run.lock.release()
     return responses
+
+
+def score_responses(responses: Sequence[Mapping], records: Sequence[Mapping], scorer: str = "math-verify") -> list[dict]:
+    """Responses with their prompt record's scalar fields and, where that record has a gold answer, `answer` and
+    `correct` (int 0/1 by the `scorer` checker on the response text); see the module docstring."""
+    check = SCORERS[scorer]
+    extra = {}
+    for index, record in enumerate(records):
+        gold = gold_answer(record)
+        extra[record_id(record, index)] = {**record_fields(record), **({"answer": gold} if gold is not None else {})}
+    scored = []
+    for response in responses:
+        fields = extra[response["prompt_id"]]
+        out = {**response, **{k: v for k, v in fields.items() if k not in response and k != "correct"}}
+        if "answer" in fields:
+            out["correct"] = int(check(response["response"], fields["answer"]))
+        scored.append(out)
+    return scored
 
 
 def _sample(model, tokenizer, sampling: Sampling, engine: str, model_path: str | None, prompts: list, batches: list,

@@ -4,7 +4,9 @@ grid (top-1 decoded token per layer and position), a model comparison and a laye
 heatmap of the `attn_head` rows. The flow, heatmap,
 lens, comparison and heads figures show any statistic of the run (`stat`, default entropy).
 
-A figure never recomputes entropies: it reads the summary / tokens tables of a run folder
+A run profiled with `--group-by FIELD` draws its flow and delta figures with one curve per value of the
+field (e.g. `correct` = 0 / 1), each with its 95 % confidence band over tokens; the other figures
+show the overall profile. A figure never recomputes entropies: it reads the summary / tokens tables of a run folder
 (``summary.csv``, ``tokens.parquet``, ``run.json``, ``stages.json``). Figures are built with
 ``matplotlib.figure.Figure`` (no pyplot, so no global state and no GUI backend; PNG/PDF are written
 by Agg), styled inside a local seaborn context: "whitegrid", DejaVu Sans, the colour-blind palette.
@@ -71,6 +73,8 @@ class Run:
     stages: Stages | None = None
     tokens_path: Path | None = None
     final_norm: bool = False
+    groups: pd.DataFrame | None = None
+    group_by: str | None = None
 
     @property
     def n_layers(self) -> int:
@@ -89,7 +93,17 @@ class Run:
             stages=run_stages(run_dir) if has_ffn else None,
             tokens_path=result.tokens_path,
             final_norm=bool(result.meta.get("final_norm", False)),
+            groups=result.groups,
+            group_by=result.meta.get("group_by"),
         )
+
+    def by_group(self) -> list[Run]:
+        """One run per value of the `--group-by` field (label "model: field=value"), or [self] without groups."""
+        if self.groups is None:
+            return [self]
+        return [replace(self, summary=rows.drop(columns="group").reset_index(drop=True), stages=None, groups=None,
+                        label=f"{self.label}: {self.group_by or 'group'}={value}")
+                for value, rows in self.groups.groupby("group", sort=False)]
 
     def tokens(self) -> pd.DataFrame:
         """The per-token table (tokens.parquet), read on demand: it can be large."""
@@ -152,12 +166,14 @@ def _legend(fig: Figure, axes, extra: Sequence = ()) -> None:
                    ncols=min(len(handles), 3))
 
 
-def flow_figure(runs: Run | pd.DataFrame | Sequence[Run | pd.DataFrame], stat: str = "entropy") -> Figure:
+def flow_figure(runs: Run | pd.DataFrame | Sequence[Run | pd.DataFrame], stat: str = "entropy",
+                band_kind: str | None = None) -> Figure:
     """Fig. 2: H(H_{l-1}), H(A_l), H(F_l), H(H_l) for every layer, one connected line per model.
 
     Each line has 3L + 1 points: H_0 at x = 0, then A_l, F_l, H_l at x = l - 2/3, l - 1/3, l
     (H_{l-1} of layer l is the H_l point of layer l - 1). ln|V| is drawn where the vocabulary is known
     and the statistic is an entropy. `stat` plots another statistic of the run the same way.
+    `band_kind` ("ci" or "std", see `band`) shades a band around each line (used for groups).
     """
     runs = _as_runs(runs)
     entropy_like = by_name(stat).log_vocab_bound
@@ -171,6 +187,10 @@ def flow_figure(runs: Run | pd.DataFrame | Sequence[Run | pd.DataFrame], stat: s
             x = np.r_[0.0, np.column_stack([layers - 2 / 3, layers - 1 / 3, layers]).ravel()]
             y = np.r_[h[0], np.column_stack([a[layers], f[layers], h[layers]]).ravel()]
             ax.plot(x, y, color=colour, lw=1.4, label=run.label, gid=f"flow:{run.label}")
+            if band_kind is not None:
+                hw, aw, fw = (band(run.summary, c, stat, band_kind) for c in ("layer", "attn", "ffn"))
+                half = np.r_[hw[0], np.column_stack([aw[layers], fw[layers], hw[layers]]).ravel()]
+                ax.fill_between(x, y - half, y + half, color=colour, alpha=0.2, lw=0, gid=f"band:flow:{run.label}")
             for k, comp in enumerate(("layer", "attn", "ffn")):
                 pts = slice(0, None, 3) if comp == "layer" else slice(k, None, 3)
                 ax.scatter(x[pts], y[pts], marker=markers[comp][0], s=22, color=colour, zorder=3)
@@ -179,6 +199,8 @@ def flow_figure(runs: Run | pd.DataFrame | Sequence[Run | pd.DataFrame], stat: s
             ax.axhline(np.log(v), ls=":", color=colour, lw=1.2, label=f"ln|V| = {np.log(v):.2f} (|V| = {v:,})")
         modes = sorted({decoding(r.final_norm) for r in runs})
         title = f"{stat.capitalize() if stat == 'entropy' else stat} flow through the layers ({' / '.join(modes)})"
+        if band_kind is not None:
+            title += "\nbands: " + ("95 % CI of the mean over tokens" if band_kind == "ci" else "± 1 std over tokens")
         ax.set(xlabel=LAYER_AXIS, ylabel=by_name(stat).label, title=title)
         if entropy_like:
             ax.set_ylim(bottom=0)
@@ -501,22 +523,27 @@ def figures(runs: Sequence[Run], kinds: Sequence[str] = ("all",), record_id: str
     compare, one per run for heatmap, lens and heads (named "heatmap-2" ... with several runs).
 
     "all" = every kind the runs' tables support (compare only with several runs); a kind named
-    explicitly is drawn or raises. `stat` is the statistic of the flow, heatmap, lens and compare figures.
+    explicitly is drawn or raises. `stat` is the statistic of the flow, heatmap, lens, compare and heads
+    figures. Runs profiled with `--group-by` draw one flow / delta curve per group, with 95 % CI bands.
     """
     runs = list(runs)
     unknown = set(kinds) - set(KINDS) - {"all"}
     if unknown:
         raise InputError(f"unknown figure kind(s) {sorted(unknown)}; choose from {', '.join(KINDS)}, all")
+    curves = [g for r in runs for g in r.by_group()]  # flow and delta: one curve per group where there are groups
+    grouped = len(curves) > len(runs)
     auto = {k for k in KINDS if (k != "compare" or len(runs) > 1) and drawable(k, runs)} if "all" in kinds else set()
-    by_stat = {"flow": flow_figure, "compare": compare_figure, "heatmap": heatmap_figure, "lens": lens_figure}
-    draw = {"delta": delta_figure, "cosine": cosine_figure}
+    whole = {"flow": lambda: flow_figure(curves, stat=stat, band_kind="ci" if grouped else None),
+             "delta": lambda: delta_figure(curves), "cosine": lambda: cosine_figure(runs),
+             "compare": lambda: compare_figure(runs, stat=stat)}
+    per_run = {"heatmap": heatmap_figure, "lens": lens_figure}
     for kind in (k for k in KINDS if k in kinds or k in auto):
-        if kind in draw or kind in ("flow", "compare"):
-            yield kind, draw[kind](runs) if kind in draw else by_stat[kind](runs, stat=stat)
+        if kind in whole:
+            yield kind, whole[kind]()
             continue
         for i, run in enumerate(runs):
             fig = (heads_figure(run, stat=stat) if kind == "heads" else
-                   by_stat[kind](run.tokens(), record_id, vocab_size=run.vocab_size, label=run.label, stat=stat))
+                   per_run[kind](run.tokens(), record_id, vocab_size=run.vocab_size, label=run.label, stat=stat))
             yield (kind if len(runs) == 1 else f"{kind}-{i + 1}"), fig
 
 
@@ -532,7 +559,8 @@ def plot_runs(
     "all" = flow, delta, cosine, heatmap, lens and heads (one per run), plus compare when there are
     several runs; figures a run's tables cannot support (no tokens.parquet, no `layer` rows, no top-k
     tokens, no `attn_head` rows) are skipped under "all". `stat` is the statistic of the flow, heatmap,
-    lens, compare and heads figures.
+    lens, compare and heads figures. Runs profiled with `--group-by` draw one flow / delta curve per group,
+    with 95 % CI bands.
     The run folders are only read (stages.json is used, never written). Returns the PNG and PDF paths.
     """
     dirs = [Path(d) for d in run_dirs]

@@ -19,11 +19,19 @@ A run folder holds:
 - `summary.csv`: one row per (layer, component): for each column (entropy, delta, cos_resid and each
   statistic) its mean, `_std`, `_se` and the count / sum / sum of squares that merge exactly; with the
   opt-in component `attn_head`, one row per (layer, head) too and an integer `head` column (0-based
-  within the layer, empty on the other rows; absent from runs without heads);
+  within the layer, empty on the other rows; absent from runs without heads).
+  With `group_by=FIELD` (`--group-by`), a leading `group` column: the rows over all records keep an empty
+  `group`, and one more set of rows per value of that record field follows (`load_run` returns them
+  as `ProfileResult.groups`, the overall rows as `summary`, so readers of the overall profile are unchanged);
+- `records.parquet`: one row per (record, layer, component[, head]): the same columns over that record's tokens
+  (mean, `_std`, `_se`, count / sum / sum of squares, `n_tokens`), then the record's scalar fields
+  (`data.record_fields`, e.g. `correct` from `--generate`); `internal-policy predict` reads it;
 - `tokens.parquet`: one row per (kept token, layer, component[, head]) unless `keep_tokens=False`
   (`attn_head` adds L·n_heads rows per token: use `--no-tokens` for big models);
 - `run.json`: model, settings (`ProfileSettings`), fingerprints, counts, package version, status;
-- `shards/`: what each finished batch wrote (sums, tokens, and a `.done` marker written last).
+- `shards/`: what each finished batch wrote (sums, per-record sums, tokens, and a `.done` marker written last).
+  A record lies in one batch, so per-record sums are complete in their shard and merge by concatenation;
+  the record fields and groups are joined from the input at the end, so they need not match on resume.
   An interrupted run resumes from the shards whose marker exists; nothing finished is recomputed,
   and a run whose settings, records, weights or dtype differ is refused (`settings.resume_key`).
 
@@ -46,11 +54,12 @@ from tqdm.auto import tqdm
 
 from . import __version__
 from .capture import Site, capture
-from .data import Example, batched, pad_batch, tokenize_records
+from .data import Example, batched, pad_batch, record_fields, record_id, tokenize_records
 from .dist import barrier, rank_world
 from .entropy import Decoder
+from .errors import InputError
 from .models import ModelSpec, context_length, describe, pad_token_id
-from .runs import HEAD_COLUMN, SUMMARY, TOKENS, ProfileResult, RunDir, head_ints, load_run, read_shard
+from .runs import HEAD_COLUMN, RECORDS, SUMMARY, TOKENS, ProfileResult, RunDir, head_ints, load_run, read_shard
 from .settings import ProfileSettings, describe_change, records_digest, resume_key, text_digest, weights_digest
 from .sites import ORDER, RowHolder, SitePlan, delta_input
 from .stats import decode
@@ -107,12 +116,17 @@ def _next_tokens(example: Example, positions: np.ndarray) -> np.ndarray:
     return ids[positions + 1]
 
 
-def _sums(values: torch.Tensor) -> dict[str, float]:
-    """Count, sum and sum of squares of the finite values (NaN sums where there are none)."""
-    finite = values[~torch.isnan(values)]
-    if not len(finite):
-        return {"n": 0, "sum": float("nan"), "sumsq": float("nan")}
-    return {"n": len(finite), "sum": finite.sum().item(), "sumsq": finite.square().sum().item()}
+def _record_sums(owner: np.ndarray, site: Site, columns: dict[str, torch.Tensor], head: dict) -> pd.DataFrame:
+    """Per record (`owner[i]` owns token i): n_tokens and each column's count, sum and sum of squares of its
+    non-NaN values (NaN sums where there are none), one row per record of this site (`head`: its head entry)."""
+    frame = pd.DataFrame({name: v.numpy() for name, v in columns.items()})
+    by, squares = frame.groupby(owner, sort=False), frame.pow(2).groupby(owner, sort=False)
+    parts = {"n": by.count(), "sum": by.sum(min_count=1), "sumsq": squares.sum(min_count=1)}
+    out = pd.concat([parts[k].add_suffix(f"_{k}") for k in parts], axis=1)
+    out = out[[f"{name}_{k}" for name in frame.columns for k in parts]]
+    keys = pd.DataFrame({"record_id": out.index, "layer": site[0], "component": site[1], **head,
+                         "n_tokens": by.size()})
+    return pd.concat([keys, out], axis=1).reset_index(drop=True)
 
 
 def _texts(ids: np.ndarray, tokenizer) -> np.ndarray:
@@ -123,7 +137,7 @@ def _texts(ids: np.ndarray, tokenizer) -> np.ndarray:
 
 
 def _profile_batch(model, spec, plan, decoders, batch, pad_id, settings, tokenizer):
-    """Run one batch; return (per-site sums DataFrame, per-token DataFrame or None, n kept tokens)."""
+    """Run one batch; return (per-site sums, per-record-and-site sums, per-token DataFrame or None)."""
     stats = settings.statistics()
     kept = [_kept_positions(e, settings.token_sample, settings.seed) for e in batch]
     held = set(plan.direct) | ({plan.output} if any(st.needs_output for st in stats) else set())
@@ -140,7 +154,8 @@ def _profile_batch(model, spec, plan, decoders, batch, pad_id, settings, tokeniz
     values = {s: {c: torch.cat(parts) for c, parts in cols.items()} for s, cols in found.items()}
     n = sum(len(p) for p in kept)
     nan = torch.full((n,), float("nan"), dtype=torch.float64)
-    sums, blocks = [], []
+    owner = np.repeat([e.record_id for e in batch], [len(p) for p in kept])
+    record_sums, blocks = [], []
     for site in plan.sites:
         own = values[plan.source[site]]
         before = delta_input(site)
@@ -150,10 +165,7 @@ def _profile_batch(model, spec, plan, decoders, batch, pad_id, settings, tokeniz
             "cos_resid": torch.cat(cosines[site]).double() if site in cosines else nan,
             **{c: own[c].double() for st in stats if not st.per_token for c in st.columns if c != "entropy"},
         }
-        row = {"layer": site[0], "component": site[1], **_head_of(plan, site), "n_tokens": n}
-        for name, v in columns.items():
-            row.update({f"{name}_{k}": x for k, x in _sums(v).items()})
-        sums.append(row)
+        record_sums.append(_record_sums(owner, site, columns, _head_of(plan, site)))
         if settings.keep_tokens:
             block = pd.DataFrame({"layer": site[0], "component": site[1], **_head_of(plan, site),
                                   **{name: v.float().numpy() for name, v in columns.items()}})
@@ -175,7 +187,10 @@ def _profile_batch(model, spec, plan, decoders, batch, pad_id, settings, tokeniz
         ids["token"] = _texts(token_ids, tokenizer)
         head = pd.DataFrame(ids)
         tokens = _sort_tokens([pd.concat([head, block], axis=1) for block in blocks])
-    return head_ints(pd.DataFrame(sums)), tokens, n
+    per_record = head_ints(pd.concat(record_sums, ignore_index=True))
+    keys = ["layer", "component", *([HEAD_COLUMN] if plan.heads else [])]
+    sums = per_record.drop(columns="record_id").groupby(keys, sort=False, as_index=False, dropna=False).sum(min_count=1)
+    return sums, per_record, tokens
 
 
 def _head_of(plan: SitePlan, site) -> dict:
@@ -183,16 +198,17 @@ def _head_of(plan: SitePlan, site) -> dict:
     return {HEAD_COLUMN: site[2] if len(site) > 2 else pd.NA} if plan.heads else {}
 
 
-def summarize(sums: pd.DataFrame) -> pd.DataFrame:
-    """Summary table from per-site sums (any number of batches, attempts or ranks): exact merging.
+def summarize(sums: pd.DataFrame, keys: Sequence[str] = ()) -> pd.DataFrame:
+    """Summary table from per-site sums (any number of records, batches, attempts or ranks): exact merging.
 
-    Every `<name>_sum` column gives `<name>` (mean over its `<name>_n` finite values), `<name>_std`
-    and `<name>_se`; the counts and sums are kept so that summaries merge again."""
+    Rows are per (`keys`..., layer, component[, head]). Every `<name>_sum` column gives `<name>` (mean over
+    its `<name>_n` finite values), `<name>_std` and `<name>_se`; the counts and sums are kept so that
+    summaries merge again."""
     sums = head_ints(sums)
-    keys = ["layer", "component", *([HEAD_COLUMN] if HEAD_COLUMN in sums.columns else [])]
-    totals = sums.groupby(keys, sort=False, as_index=False, dropna=False).sum(min_count=1)
+    by = [*keys, "layer", "component", *([HEAD_COLUMN] if HEAD_COLUMN in sums.columns else [])]
+    totals = sums.groupby(by, sort=False, as_index=False, dropna=False).sum(min_count=1)
     names = [c.removesuffix("_sum") for c in sums.columns if c.endswith("_sum")]
-    out = totals[keys].copy()
+    out = totals[by].copy()
     for name in names:
         n = totals[f"{name}_n"].astype(float)
         mean = totals[f"{name}_sum"] / n
@@ -206,7 +222,7 @@ def summarize(sums: pd.DataFrame) -> pd.DataFrame:
         out[f"{name}_sum"] = totals[f"{name}_sum"]
         out[f"{name}_sumsq"] = totals[f"{name}_sumsq"]
     out["component"] = pd.Categorical(out["component"], categories=ORDER, ordered=True)
-    out = out.sort_values(keys).reset_index(drop=True)
+    out = out.sort_values(by, kind="stable").reset_index(drop=True)
     out["component"] = out["component"].astype(str)
     return out
 
@@ -236,14 +252,71 @@ def _concat_parquet(parts: list[Path], target: Path) -> None:
             writer.close()
 
 
-def _merge(run: RunDir, meta: dict, keep_tokens: bool) -> ProfileResult:
-    """Merge every finished shard into summary.csv / tokens.parquet and mark the run complete."""
-    summary = summarize(run.read_shards("sums"))
-    run.write(SUMMARY, lambda p: summary.to_csv(p, index=False))
+def _merge(run: RunDir, meta: dict, keep_tokens: bool, fields: pd.DataFrame, group_by: str | None) -> ProfileResult:
+    """Merge every finished shard into summary.csv / records.parquet / tokens.parquet and mark the run complete.
+
+    Shards written by a version without per-record sums leave records.parquet out (and refuse `group_by`)."""
+    parts = run.shard_files("records")
+    record_sums = (pd.concat([read_shard(p).to_pandas() for p in parts], ignore_index=True)
+                   if all(p.exists() for p in parts) else None)
+    summary, groups, records = _tables(run.read_shards("sums"), record_sums, fields, group_by)
+    run.write(SUMMARY, lambda p: _with_groups(summary, groups).to_csv(p, index=False))
+    if records is not None:
+        run.write(RECORDS, lambda p: records.to_parquet(p, index=False))
+    else:
+        (run.path / RECORDS).unlink(missing_ok=True)  # ours, and no longer covering every shard
     if keep_tokens:
         run.write(TOKENS, lambda p: _concat_parquet(run.shard_files("tokens"), p))
     meta = run.finish({**meta, "n_records": len(run.finished_ids()), "n_tokens": int(summary.iloc[0]["n_tokens"])})
-    return ProfileResult(summary, meta, run.path)
+    return ProfileResult(summary, meta, run.path, groups=groups, _records=records)
+
+
+def _fields(records: Sequence[Mapping], examples: list[Example], group_by: str | None) -> pd.DataFrame:
+    """One row per profiled record: `record_id` and its scalar fields (`data.record_fields`), in input order.
+
+    Fields of mixed types become text (one parquet type per column). With `group_by`, every record must
+    have that field: otherwise an InputError before any work is done."""
+    kept = {e.record_id for e in examples}
+    rows = [{"record_id": record_id(r, i), **record_fields(r)} for i, r in enumerate(records)]
+    table = pd.DataFrame([r for r in rows if r["record_id"] in kept])
+    for column in table.columns:
+        values = table[column].dropna()
+        if table[column].dtype == object and len({type(v) for v in values}) > 1:
+            table[column] = table[column].map(lambda v: v if pd.isna(v) else str(v))
+    if group_by is not None:
+        missing = table["record_id"][table[group_by].isna()] if group_by in table else table["record_id"]
+        if len(missing):
+            hint = ("records get `correct` from --generate on prompts with a gold answer (answer, "
+                    "reward_model.ground_truth, solution)" if group_by == "correct" else
+                    f"scalar fields the records have: {', '.join(c for c in table.columns if c != 'record_id') or 'none'}")
+            raise InputError(f"--group-by {group_by}: {len(missing)} of {len(table)} records have no {group_by!r} field "
+                             f"(first: record {missing.iloc[0]}); {hint}")
+    return table
+
+
+def _tables(sums: pd.DataFrame, record_sums: pd.DataFrame | None, fields: pd.DataFrame, group_by: str | None):
+    """(summary, per-group summary or None, records table or None) from merged sums and the record fields.
+
+    The per-group rows sum the per-record sums of each group's records (`group`: the field's value as text)."""
+    summary = summarize(sums)
+    if record_sums is None:
+        if group_by is not None:
+            raise InputError("--group-by needs per-record sums, which shards of an older version lack; profile "
+                             "again into a new --out")
+        return summary, None, None
+    table = summarize(record_sums, keys=["record_id"])
+    extra = [c for c in fields.columns if c not in table.columns]
+    records = fields[["record_id", *extra]].merge(table, on="record_id")[[*table.columns, *extra]]
+    if group_by is None:
+        return summary, None, records
+    group = fields.set_index("record_id")[group_by].astype(str).rename("group")
+    keyed = record_sums.join(group, on="record_id").drop(columns="record_id")
+    return summary, summarize(keyed, keys=["group"]), records
+
+
+def _with_groups(summary: pd.DataFrame, groups: pd.DataFrame | None) -> pd.DataFrame:
+    """summary.csv: the overall rows, then with groups a leading `group` column (empty on the overall rows)."""
+    return summary if groups is None else pd.concat([summary.assign(group=None), groups])[groups.columns]
 
 
 def profile(
@@ -274,6 +347,7 @@ def profile(
     plan = SitePlan.build(spec, settings.components, linear)
     examples = tokenize_records(records, tokenizer, context_length(model), settings.truncate, settings.chat,
                                 vocab_size=model.get_input_embeddings().weight.shape[0])
+    fields = _fields(records, examples, settings.group_by)
     rank, world = rank_world()
     fingerprint = {"dtype": str(spec.unembed_weight.dtype).removeprefix("torch."),
                    "records_sha256": records_digest(examples),
@@ -293,26 +367,28 @@ def profile(
     pending = [e for e in examples if e.record_id not in done]
     mine = pending[rank::world]
     pad_id = pad_token_id(tokenizer)
-    all_sums, all_tokens = [], []
+    all_sums, all_records, all_tokens = [], [], []
     bar = tqdm(total=sum(len(e.input_ids) for e in mine), unit="tok", unit_scale=True,
                desc=f"profile{f' rank {rank}' if world > 1 else ''}", disable=not progress)
     started = time.perf_counter()
     for batch in batched(mine, settings.batch_size):
-        sums, tokens, _ = _profile_batch(model, spec, plan, decoders, batch, pad_id, settings, tokenizer)
+        sums, record_sums, tokens = _profile_batch(model, spec, plan, decoders, batch, pad_id, settings, tokenizer)
         if run:
-            run.write_shard([e.record_id for e in batch], sums=sums, tokens=tokens)
+            run.write_shard([e.record_id for e in batch], sums=sums, records=record_sums, tokens=tokens)
         else:
             all_sums.append(sums)
+            all_records.append(record_sums)
             all_tokens.append(tokens)
         bar.update(sum(len(e.input_ids) for e in batch))
     bar.close()
     meta["seconds"] = round(time.perf_counter() - started, 3)
     if run is None:
-        summary = summarize(pd.concat(all_sums, ignore_index=True))
+        summary, groups, records = _tables(pd.concat(all_sums, ignore_index=True),
+                                           pd.concat(all_records, ignore_index=True), fields, settings.group_by)
         tokens = pd.concat(all_tokens, ignore_index=True) if settings.keep_tokens else None
         meta.update(n_records=len(examples), n_tokens=int(summary.iloc[0]["n_tokens"]), status="complete")
-        return ProfileResult(summary, meta, _tokens=tokens)
+        return ProfileResult(summary, meta, groups=groups, _tokens=tokens, _records=records)
     barrier()
-    result = _merge(run, meta, settings.keep_tokens) if rank == 0 else None
+    result = _merge(run, meta, settings.keep_tokens, fields, settings.group_by) if rank == 0 else None
     barrier()
     return result if result is not None else load_run(run.path)

@@ -32,6 +32,7 @@ from .errors import InputError, RunBusyError
 
 SUMMARY = "summary.csv"
 TOKENS = "tokens.parquet"
+RECORDS = "records.parquet"
 RUN_JSON = "run.json"
 LOCK = "run.lock"
 SHARDS = "shards"
@@ -287,15 +288,26 @@ def head_ints(table: pd.DataFrame) -> pd.DataFrame:
 
 @dataclass
 class ProfileResult:
-    """Tables of one run: `summary` (per layer × component), `tokens` (per token, or None), `meta`.
+    """Tables of one run: `summary` (per layer × component, over all records), `groups` (the same per value of
+    the `--group-by` field, with a leading `group` column; None without one), `records` (per record × layer ×
+    component, with the record fields), `tokens` (per token, or None), `meta`.
 
-    For a run on disk, `tokens` is read from `tokens.parquet` on first access (it can be large).
+    For a run on disk, `tokens` and `records` are read from their parquet files on first access.
     """
 
     summary: pd.DataFrame
     meta: dict
     out_dir: Path | None = None
+    groups: pd.DataFrame | None = None
     _tokens: pd.DataFrame | None = None
+    _records: pd.DataFrame | None = None
+
+    @property
+    def records(self) -> pd.DataFrame | None:
+        path = self.out_dir / RECORDS if self.out_dir is not None else None
+        if self._records is None and path is not None and path.exists():
+            self._records = pd.read_parquet(path)
+        return self._records
 
     @property
     def tokens_path(self) -> Path | None:
@@ -330,7 +342,7 @@ def load_run(run_dir: str | Path) -> ProfileResult:
         raise InputError(f"{path} holds no finished run (no summary.csv); run `internal-policy profile --out {path}`")
     meta = read_meta(path, "profile")
     try:
-        summary = pd.read_csv(path / SUMMARY)
+        summary = pd.read_csv(path / SUMMARY, dtype={"group": str})
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
         raise InputError(f"{path / SUMMARY} is not a readable table ({str(err).splitlines()[0]}); "
                          "profile again to rewrite it") from None
@@ -338,4 +350,13 @@ def load_run(run_dir: str | Path) -> ProfileResult:
     if missing or summary.empty:
         raise InputError(f"{path / SUMMARY} is not a profile summary ("
                          f"{f'no columns {missing}' if missing else 'no rows'}); profile again to rewrite it")
-    return ProfileResult(head_ints(summary), meta, path)
+    overall, groups = split_groups(head_ints(summary))
+    return ProfileResult(overall, meta, path, groups=groups)
+
+
+def split_groups(table: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame | None]:
+    """A summary.csv table → (overall rows without the `group` column, per-group rows or None)."""
+    if "group" not in table.columns:
+        return table, None
+    overall = table["group"].isna()
+    return table[overall].drop(columns="group").reset_index(drop=True), table[~overall].reset_index(drop=True)

@@ -16,7 +16,7 @@ The resume key also fingerprints what the numbers depend on besides the settings
   accelerate (meta tensors) are covered by hashing the model folder's weight files instead;
 - `dtype`: the unembedding's dtype.
 Batch size, the hidden-state budget and the linear path are not in the key: they change results
-only by float rounding.
+only by float rounding; nor is `group_by`, which only regroups finished per-record sums at the end.
 """
 
 from __future__ import annotations
@@ -38,6 +38,12 @@ def _csv(text: str) -> tuple[str, ...]:
     if not text.strip() or not all(items):
         raise InputError(f"expected a non-empty comma-separated list, got {text!r}")
     return items
+
+
+def _name(text: str) -> str:
+    if not text.strip():
+        raise InputError("expected a record field name, got an empty string")
+    return text.strip()
 
 
 def _alphas(text: str) -> tuple[float, ...]:
@@ -73,6 +79,9 @@ class ProfileSettings:
     keep_tokens: bool = _option(True, "skip tokens.parquet (summary only; for big runs)", flag="--no-tokens")
     chat: dict = _option({}, "chat-template options (the CLI fills them from --thinking / --chat-option)",
                          flag="--thinking/--chat-option", cli=False)
+    group_by: str | None = _option(None, "also summarise per value of this record field (e.g. correct, from --generate "
+                                   "on prompts with gold answers): summary.csv gets a `group` column", parse=_name,
+                                   key=False)
     batch_size: int = _option(8, "records per batch (one shard each)", key=False)
     hidden_budget_mb: float = _option(2048.0, "MiB of kept hidden rows held per forward pass; a batch above it runs as "
                                       "several forwards (a long record as several prefixes)", key=False)

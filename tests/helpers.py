@@ -88,3 +88,18 @@ def write_run(run_dir: Path, tokens: pd.DataFrame, vocab_size: int = 512, model:
     }
     (run_dir / "run.json").write_text(json.dumps(meta))
     return run_dir
+
+
+def assert_records_match_tokens(records: pd.DataFrame, tokens: pd.DataFrame, atol: float = 1e-5) -> None:
+    """records.parquet against a plain pandas groupby over tokens.parquet: per (record, layer, component) the
+    mean and population std of every statistic over that record's tokens, and the token count."""
+    key = ["record_id", "layer", "component"]
+    stats = [c for c in ("entropy", "delta", "cos_resid", "nll", "rank", "kl_out") if c in tokens.columns]
+    grouped = tokens.groupby(key)[stats]
+    expected = grouped.mean().join(grouped.std(ddof=0), rsuffix="_std").join(tokens.groupby(key).size().rename("n_tokens"))
+    got = records.set_index(key)
+    assert len(got) == len(expected) and not got.index.duplicated().any()
+    got = got.loc[expected.index]
+    for column in expected.columns:
+        np.testing.assert_allclose(got[column].to_numpy(float), expected[column].to_numpy(float), atol=atol,
+                                   err_msg=column)

@@ -7,6 +7,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from helpers import assert_records_match_tokens
 from helpers_stats import check_stats, reference_stats
 
 from internal_policy.data import tokenize_records
@@ -297,6 +298,8 @@ def test_interrupted_run_resumes_to_identical_results(stories, tmp_path, monkeyp
     pd.testing.assert_frame_equal(resumed.summary, whole.summary, check_exact=False, atol=1e-12, rtol=0)
     pd.testing.assert_frame_equal(resumed.tokens, whole.tokens)
     pd.testing.assert_frame_equal(load_run(tmp_path / "cut").summary, load_run(tmp_path / "whole").summary)
+    pd.testing.assert_frame_equal(load_run(tmp_path / "cut").records, whole.records)  # per-record sums: shard by shard
+    assert_records_match_tokens(load_run(tmp_path / "cut").records, whole.tokens)
     with pytest.raises(InputError, match=r"settings differ .* --final-norm \(off -> on\)"):
         profile(model, tok, records, final_norm=True, out_dir=tmp_path / "cut", resume=True, progress=False)
 
@@ -328,6 +331,7 @@ def test_two_process_merge_equals_single_process(stories, tmp_path):
     means = [c for c in single.summary.columns if not c.endswith(("_sum", "_sumsq"))]
     pd.testing.assert_frame_equal(merged.summary[means], single.summary[means], check_exact=False, atol=1e-6, rtol=0)
     assert_tokens_match(merged.tokens, single.tokens, atol=1e-5)
+    assert_records_match_tokens(merged.records, merged.tokens)
     by_site = merged.tokens.groupby(["layer", "component"], sort=False)["entropy"]
     np.testing.assert_allclose(merged.summary["entropy"], by_site.mean().reindex(
         pd.MultiIndex.from_frame(merged.summary[["layer", "component"]])).to_numpy(), atol=1e-6)

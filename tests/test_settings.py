@@ -16,7 +16,7 @@ from internal_policy.settings import ProfileSettings, describe_change, records_d
 
 CHANGED = {"components": ("layer",), "stats": ("nll",), "renyi_alpha": (0.5,), "topk": 2, "final_norm": True,
            "token_sample": 0.5, "seed": 1, "truncate": True, "keep_tokens": False, "chat": {"enable_thinking": False},
-           "batch_size": 3, "hidden_budget_mb": 5.0, "linear": False}
+           "group_by": "correct", "batch_size": 3, "hidden_budget_mb": 5.0, "linear": False}
 """A non-default value for every field (the test below fails when a field is added without one)."""
 
 
@@ -60,7 +60,7 @@ def test_canonical_form_and_resume_key():
     for name, value in CHANGED.items():  # the key has exactly the fields that change the numbers
         changed = ProfileSettings(**{name: value}).resume_key() != base
         assert changed == fields(ProfileSettings)[[f.name for f in fields(ProfileSettings)].index(name)].metadata["key"]
-    assert {"batch_size", "hidden_budget_mb", "linear"}.isdisjoint(base)
+    assert {"batch_size", "hidden_budget_mb", "linear", "group_by"}.isdisjoint(base)
     for bad, message in (({"components": ["mlp"]}, "unknown component"), ({"token_sample": 2.0}, "fraction"),
                          ({"batch_size": 0}, "at least 1"), ({"stats": ["perplexity"]}, "unknown statistic"),
                          ({"topk": 21}, "between 1 and 20"), ({"renyi_alpha": [1.0]}, "Shannon"),

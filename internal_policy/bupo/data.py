@@ -2,12 +2,14 @@
 
 `prompt` is a string or chat messages, `answer` the gold final answer (empty for toy rewards). Any
 input `inputs.read_records` reads works: the shipped benchmarks, the official BuPO parquet layout
-(`prompt` messages + `reward_model.ground_truth`), JSONL `{"prompt": ..., "answer": ...}`, a saved
-HF dataset. `messages` records count as prompts too (a final assistant message is dropped).
+(`prompt` messages + `reward_model.ground_truth`), JSONL `{"prompt": ..., "answer": ...}` (or a MATH-style
+`solution`, whose last box is the answer), a saved HF dataset. `messages` records count as prompts too (a
+final assistant message is dropped).
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 
 import pandas as pd
@@ -15,23 +17,29 @@ import pandas as pd
 from ..data import prompt_of, render_prompt
 from ..errors import InputError
 from ..inputs import BENCHMARKS, read_records
+from .rewards import last_boxed
 
-__all__ = ["BENCHMARKS", "load_prompts", "prompt_text", "require_answers"]
+__all__ = ["BENCHMARKS", "gold_answer", "load_prompts", "prompt_text", "require_answers"]
 
 
-def _answer(record: dict) -> str:
+def gold_answer(record: Mapping) -> str | None:
+    """A record's gold final answer: `answer`, `reward_model.ground_truth` (the shipped sets), `final_answer`, or
+    the last `\\boxed{}` of a worked `solution` (MATH); None when it has none (never a silent empty answer)."""
     if record.get("answer") is not None:
         return str(record["answer"])
-    if isinstance(record.get("reward_model"), dict):
-        return str(record["reward_model"].get("ground_truth", ""))
-    return str(record.get("final_answer") or "")
+    truth = record["reward_model"].get("ground_truth") if isinstance(record.get("reward_model"), Mapping) else None
+    if truth is not None:
+        return str(truth)
+    if record.get("final_answer"):
+        return str(record["final_answer"])
+    return last_boxed(str(record["solution"])) if record.get("solution") is not None else None
 
 
 def load_prompts(source: str | Path) -> pd.DataFrame:
     """A prompt set from a shipped benchmark name or any file `read_records` reads → DataFrame[prompt, answer]."""
     records = read_records(source)
     prompts = [prompt_of(record, index) for index, record in enumerate(records)]
-    return pd.DataFrame({"prompt": prompts, "answer": [_answer(r) for r in records]})
+    return pd.DataFrame({"prompt": prompts, "answer": [gold_answer(r) or "" for r in records]})
 
 
 def require_answers(prompts: pd.DataFrame, name: str) -> None:

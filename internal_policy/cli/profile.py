@@ -10,6 +10,7 @@ import argparse
 from importlib import resources
 from pathlib import Path
 
+from ..bupo.rewards import SCORERS
 from ..inputs import BENCHMARKS
 from ..settings import ProfileSettings
 from .options import (
@@ -43,6 +44,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                                                      "(accelerate); overrides --device")
     ProfileSettings.add_arguments(p.add_argument_group("what to compute (ProfileSettings)"))
     g = add_generation_options(p, then="profile them (re-profile later with --input OUT/responses.jsonl)")
+    g.add_argument("--scorer", choices=tuple(SCORERS), default="math-verify",
+                   help="answer checker for records with a gold answer (answer, reward_model.ground_truth, solution): "
+                        "each response gets `correct` 0/1; math-verify is symbolic, official the paper code's rule")
     g.add_argument("--gen-batch-size", type=int, default=None,
                    help="rows per generation batch (default: --batch-size; 256 with vLLM)")
     add_run_options(p)
@@ -81,7 +85,7 @@ def run(args: argparse.Namespace) -> int:
         records = generate(model, tokenizer, records, sampling, chat=settings.chat, engine=engine, out_dir=args.out,
                            batch_size=args.gen_batch_size or (256 if engine == "vllm" else settings.batch_size),
                            model_path=args.model or str(default_model_path()), resume=args.resume,
-                           progress=not args.quiet)
+                           progress=not args.quiet, scorer=args.scorer)
     result = profile(model, tokenizer, records, settings, out_dir=args.out, resume=args.resume,
                      progress=not args.quiet, model_name=args.model or "stories260K (embedded)")
     if dist.rank_world()[0] == 0:
@@ -101,8 +105,12 @@ def _report(result, args: argparse.Namespace) -> None:
     if not layers.empty:
         flow = "  ".join(f"L{int(r.layer)}={r.entropy:.3f}" for r in layers.itertuples())
         print(f"layer entropy (nats, raw decoding{' + final norm' if result.meta['final_norm'] else ''}): {flow}")
+    if result.groups is not None:
+        field = result.meta["group_by"]
+        counts = result.records.drop_duplicates("record_id")[field].astype(str).value_counts(sort=False)
+        print(f"--group-by {field}: " + ", ".join(f"{value}: {n} records" for value, n in counts.items()))
     print(f"{result.meta['n_records']} records, {result.meta['n_tokens']} tokens -> "
-          f"{out / 'summary.csv'}, {out / 'run.json'}"
+          f"{out / 'summary.csv'}, {out / 'records.parquet'}, {out / 'run.json'}"
           + (f", {out / 'tokens.parquet'}" if result.meta["keep_tokens"] else ""))
     if args.plot:
         from ..plot import plot_run
