@@ -158,19 +158,33 @@ def units(spec: ModelSpec, settings: AblationSettings) -> list[Unit]:
     return found
 
 
-def _target(spec: ModelSpec, unit: Unit) -> tuple[nn.Module, bool]:
-    """(module, pre) carrying the unit's write: its output (pre=False), or for a head the projection's input."""
-    if unit.component == "attn_head":
-        return spec.head_projection(unit.layer - 1).module, True
-    return spec.block_part(unit.layer - 1, getattr(spec.layout, unit.component)), False
+@dataclass(frozen=True)
+class Where:
+    """Where a unit's write is hooked: `module`'s output, or with `pre` its input (a head's z_h, in the output
+    projection's input); `columns` = the feature slice holding the write; `key` names the hooked tensor's mean."""
+
+    module: nn.Module
+    pre: bool
+    columns: slice
+    key: str
 
 
-def _columns(spec: ModelSpec, unit: Unit) -> slice:
-    """The feature slice of the hooked tensor that holds the unit's write (a head's z_h, else all)."""
-    if unit.head is None:
-        return slice(None)
-    d = spec.head_projection(unit.layer - 1).head_dim
-    return slice(unit.head * d, (unit.head + 1) * d)
+def locate(spec: ModelSpec, chosen: Sequence[Unit]) -> dict[Unit, Where]:
+    """The hook site of every unit (one `head_projection` per layer)."""
+    found: dict[Unit, Where] = {}
+    head_dims: dict[int, tuple[nn.Module, int]] = {}
+    for unit in chosen:
+        key = Unit(unit.layer, unit.component).name
+        if unit.head is None:
+            module = spec.block_part(unit.layer - 1, getattr(spec.layout, unit.component))
+            found[unit] = Where(module, False, slice(None), key)
+            continue
+        if unit.layer not in head_dims:
+            projection = spec.head_projection(unit.layer - 1)
+            head_dims[unit.layer] = (projection.module, projection.head_dim)
+        module, d = head_dims[unit.layer]
+        found[unit] = Where(module, True, slice(unit.head * d, (unit.head + 1) * d), key)
+    return found
 
 
 def _hook(pre: bool, edit):
@@ -191,9 +205,9 @@ def _kept_mask(batch: Sequence[Example], width: int) -> torch.Tensor:
 
 def mean_writes(model: nn.Module, spec: ModelSpec, examples: Sequence[Example], chosen: Sequence[Unit],
                 batch_size: int = 8, progress: bool = False, pad_id: int = 0) -> dict[str, np.ndarray]:
-    """Token-weighted mean of each hooked tensor over every kept position of `examples` (float64, by `Unit.name`
-    of its module: `<layer>.attn`, `<layer>.ffn`, `<layer>.attn_head` = the projection input, all heads)."""
-    targets = {_key(u): _target(spec, u) for u in chosen}
+    """Token-weighted mean of each hooked tensor over every kept position of `examples` (float64, by `Where.key`:
+    `<layer>.attn`, `<layer>.ffn`, `<layer>.attn_head` = the output projection's input, all heads)."""
+    targets = {w.key: (w.module, w.pre) for w in locate(spec, chosen).values()}
     sums: dict[str, torch.Tensor] = {}
     count = 0
     device = model.get_input_embeddings().weight.device
@@ -223,12 +237,8 @@ def mean_writes(model: nn.Module, spec: ModelSpec, examples: Sequence[Example], 
     return {k: (v / count).cpu().numpy() for k, v in sums.items()}
 
 
-def _key(unit: Unit) -> str:
-    return Unit(unit.layer, unit.component).name
-
-
 @torch.no_grad()
-def _measure(model, spec, batch, group, means, pad_id) -> torch.Tensor:
+def _measure(model, spec, where, batch, group, means, pad_id) -> torch.Tensor:
     """One forward of len(group) copies of `batch`, copy k with group[k] ablated (None: none).
 
     Returns [copies, 2, n_kept] fp32: the output entropy and the next-token NLL (NaN: no next token)."""
@@ -238,9 +248,9 @@ def _measure(model, spec, batch, group, means, pad_id) -> torch.Tensor:
     edits: dict[nn.Module, tuple[bool, list]] = {}
     for k, unit in enumerate(group):
         if unit is not None:
-            module, pre = _target(spec, unit)
-            value = 0.0 if means is None else torch.as_tensor(means[_key(unit)][_columns(spec, unit)])
-            edits.setdefault(module, (pre, []))[1].append((slice(k * rows, (k + 1) * rows), _columns(spec, unit), value))
+            at = where[unit]
+            value = 0.0 if means is None else torch.as_tensor(means[at.key][at.columns])
+            edits.setdefault(at.module, (at.pre, []))[1].append((slice(k * rows, (k + 1) * rows), at.columns, value))
 
     def replace(changes):
         def edit(x):
@@ -291,14 +301,14 @@ def _sums(units_: Sequence[Unit], measured: Mapping[Unit | None, torch.Tensor]) 
     return pd.DataFrame(rows)
 
 
-def _ablate_batch(model, spec, batch, chosen, means, copies, pad_id, bar) -> pd.DataFrame:
+def _ablate_batch(model, spec, where, batch, chosen, means, copies, pad_id, bar) -> pd.DataFrame:
     """All ablations of one batch in forwards of `copies` copies; the per-unit sums."""
     order: list[Unit | None] = [None, *chosen]
     measured: dict[Unit | None, torch.Tensor] = {}
     tokens = sum(len(e.input_ids) for e in batch)
     for start in range(0, len(order), copies):
         group = order[start : start + copies]
-        for unit, values in zip(group, _measure(model, spec, batch, group, means, pad_id)):
+        for unit, values in zip(group, _measure(model, spec, where, batch, group, means, pad_id)):
             measured[unit] = values
         bar.update(tokens * len(group))
     return _sums(chosen, measured)
@@ -377,6 +387,7 @@ def ablate(
         settings = AblationSettings(**{**asdict(settings), **options})
     spec = describe(model)
     chosen = units(spec, settings)
+    where = locate(spec, chosen)
     examples = tokenize_records(records, tokenizer, context_length(model), settings.truncate, settings.chat,
                                 vocab_size=model.get_input_embeddings().weight.shape[0])
     layers = sorted({u.layer for u in chosen})
@@ -411,7 +422,7 @@ def ablate(
                desc=f"ablate ({len(chosen)} modules)", disable=not progress)
     parts = []
     for batch in batched(pending, settings.batch_size):
-        sums = _ablate_batch(model, spec, batch, chosen, means, settings.copies, pad_id, bar)
+        sums = _ablate_batch(model, spec, where, batch, chosen, means, settings.copies, pad_id, bar)
         if path is None:
             parts.append(sums)
             continue

@@ -51,7 +51,7 @@ def run(args: argparse.Namespace) -> int:
 
     from transformers.utils import logging as hf_logging
 
-    from ..ablate import AblationSettings, ablate
+    from ..ablate import AblationSettings, ablate, parse_layers
     from ..errors import InputError
     from ..inputs import read_records
     from ..models import load_model, resolve_device
@@ -61,8 +61,6 @@ def run(args: argparse.Namespace) -> int:
     if args.profile is not None and not (Path(args.profile) / "summary.csv").is_file():
         raise InputError(f"--profile {args.profile} is not a finished profile run (no summary.csv); "
                          "run `internal-policy profile` on the same --input first")
-    from ..ablate import parse_layers
-
     settings = AblationSettings(components=_csv(args.components),
                                 layers=parse_layers(args.layers) if args.layers is not None else None,
                                 mode=args.mode, truncate=args.truncate, chat=chat_options(args),
