@@ -3,7 +3,8 @@
 Methods, on one random-weight model and set of records, all through `internal_policy.ablate` (attn, ffn and
 attn_head of every layer, zero mode, `--batch` records per batch):
   `copies1`:  one ablated copy per forward (one Python-level forward per module per batch);
-  `copiesK`:  `--copies` ablated copies per forward (the default design);
+  `copiesK`:  `--copies` ablated copies per forward (default: the package's default, about 4096 token
+              positions per forward);
   `loop`:     the plain way: one forward per module per record, full `model(...).logits`, log_softmax
               (what the test reference does, in fp32).
 The methods are interleaved over `--rounds` rounds after a warm-up; each round's time ratio to `copiesK`
@@ -94,7 +95,8 @@ def main() -> None:
     parser.add_argument("--records", type=int, default=8)
     parser.add_argument("--length", type=int, default=96, help="response tokens per record")
     parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--copies", type=int, default=8)
+    parser.add_argument("--copies", type=int, default=None, help="default: the package's (about 4096 positions per "
+                        "forward)")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()
@@ -109,7 +111,7 @@ def main() -> None:
     ratio = {m: [t / base for t, base in zip(times[m], times["copiesK"])] for m in methods[1:]}
     n_modules = args.layers * (2 + 8)
     print(f"model: random llama d=256, {args.layers} layers x 8 heads, |V|=8192; {args.records} records x "
-          f"{8 + args.length} tokens; {n_modules} modules; batch {args.batch}, copies {args.copies}; device "
+          f"{8 + args.length} tokens; {n_modules} modules; batch {args.batch}, copies {args.copies or 'default'}; device "
           f"{args.device}, {torch.get_num_threads()} threads")
     print("median s over", args.rounds, "rounds:", "   ".join(f"{m} {statistics.median(times[m]):.2f}" for m in methods))
     c1, lp = ratio["copies1"], ratio["loop"]

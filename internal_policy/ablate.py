@@ -20,7 +20,8 @@ positions:
 - `delta_entropy` = mean over kept positions of H(ablated output) − H(unablated output), in nats;
 - `_se` = the standard error of the mean of those per-token paired differences, sd (ddof = 1) / √n.
 
-Cost. A batch of B records is repeated `copies` times along the batch dimension; a hook on each
+Cost. A batch of B records is repeated `copies` times (default: up to `AUTO_TOKENS` positions per
+forward) along the batch dimension; a hook on each
 ablated module replaces the write in its copy's rows only, so one forward measures `copies`
 ablations (the unablated baseline is one of the copies of the first forward), and the output is
 decoded from the last block's rows at kept positions only (`stats.decode`, no [B, T, V] logits).
@@ -68,6 +69,9 @@ MEANS = "means.npz"
 COLUMNS = ("layer", "component", "head", "delta_nll", "delta_nll_se", "delta_entropy", "delta_entropy_se",
            "n_tokens", "n_next_tokens")
 _STATS = resolve(["entropy", "nll"])
+AUTO_TOKENS = 4096
+"""Token positions per forward that the default `copies` aims at (batch × copies × padded length): on 2 CPU
+cores more copies of a batch per forward were faster up to about this size and slower beyond it."""
 
 
 @dataclass(frozen=True)
@@ -106,8 +110,9 @@ class AblationSettings:
     chat: dict = field(default_factory=dict)
     batch_size: int = 8
     """Records per batch (one shard each)."""
-    copies: int = 8
-    """Ablated copies of a batch per forward: memory grows with batch_size × copies × sequence length."""
+    copies: int | None = None
+    """Ablated copies of a batch per forward (memory grows with batch_size × copies × length); None: as many as
+    keep a forward at about `AUTO_TOKENS` token positions."""
 
     KEY = ("components", "layers", "mode", "truncate", "chat")
 
@@ -124,7 +129,7 @@ class AblationSettings:
         if self.mode not in MODES:
             raise InputError(f"--mode: unknown mode {self.mode!r}; choose zero or mean")
         for name in ("batch_size", "copies"):
-            if getattr(self, name) < 1:
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise InputError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
         set_("chat", dict(self.chat))
 
@@ -304,6 +309,7 @@ def _sums(units_: Sequence[Unit], measured: Mapping[Unit | None, torch.Tensor]) 
 def _ablate_batch(model, spec, where, batch, chosen, means, copies, pad_id, bar) -> pd.DataFrame:
     """All ablations of one batch in forwards of `copies` copies; the per-unit sums."""
     order: list[Unit | None] = [None, *chosen]
+    copies = copies or max(1, AUTO_TOKENS // (len(batch) * max(len(e.input_ids) for e in batch)))
     measured: dict[Unit | None, torch.Tensor] = {}
     tokens = sum(len(e.input_ids) for e in batch)
     for start in range(0, len(order), copies):

@@ -35,8 +35,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="zero: remove the write; mean: replace it at every position by its mean over the kept tokens")
     p.add_argument("--truncate", action="store_true", help="cut records longer than the context instead of failing")
     p.add_argument("--batch-size", type=int, default=8, help="records per batch (one shard each; default 8)")
-    p.add_argument("--copies", type=int, default=8,
-                   help="ablated copies of a batch per forward (memory ~ batch size × copies × length; default 8)")
+    p.add_argument("--copies", type=int, default=None,
+                   help="ablated copies of a batch per forward (memory ~ batch size × copies × length; default: as "
+                        "many as keep a forward near 4096 token positions)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
     p.add_argument("--plot", action="store_true", help="also draw OUT/figures/ablation.{png,pdf}")
     p.add_argument("--profile", default=None, metavar="RUN",
