@@ -33,19 +33,11 @@ import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 
 HERE = Path(__file__).parent
-OPENINGS = [
-    "Once upon a time, there was a little", "One day, a girl named Lily", "Tom and his mom went to the",
-    "The sun was shining and", "There was a big", "Sam wanted to play with", "Lily and Ben were", "One morning,",
-    "A little boy named Tim", "Mia had a red", "The dog was very", "It was a sunny day. Anna",
-    "Jack saw a bird", "Sue liked to", "Once there was a happy", "Max and his dad",
-    "Ben had a new", "One day, Timmy went", "The little girl was sad because", "Lucy found a shiny",
-    "In a small house there lived", "The rain came down and", "Grandma made a", "Two friends went to the",
-    "Emma looked out of the window and", "The old man had a", "A bunny hopped into the", "Kate and her brother",
-    "The boat was on the", "One night, the moon", "Joe wanted a", "At the park, the kids",
-]
+
+from analyses.attnrl_stories import OPENINGS  # noqa: E402 (the same 32 story openings)
 
 
-def tiny_model(tokenizer_dir: Path):
+def tiny_model():
     """A seeded random-weight GQA Llama sharing stories260K's tokenizer."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -123,7 +115,6 @@ def main() -> None:
     parser.add_argument("--progress", action="store_true")
     args = parser.parse_args()
     from internal_policy import Sampling, generate, load_model
-    from internal_policy.models import default_model_path
     from internal_policy.plot import Run, ablation_figure, save_figure
 
     started = time.perf_counter()
@@ -131,7 +122,7 @@ def main() -> None:
     model, tok = load_model()
     records = generate(model, tok, [{"id": str(i), "prompt": p} for i, p in enumerate(OPENINGS)],
                        Sampling(args.n, 1.0, 1.0, args.length, seed=0), progress=args.progress)
-    models = {"stories260K": model, "tiny-random": tiny_model(default_model_path())}
+    models = {"stories260K": model, "tiny-random": tiny_model()}
     results = {}
     for name, m in models.items():
         tables, summary, stages = analyse(name, m, tok, records, args.progress)

@@ -219,11 +219,11 @@ def mean_writes(model: nn.Module, spec: ModelSpec, examples: Sequence[Example], 
     bar = tqdm(total=len(examples), unit="rec", desc="ablate: mean writes", disable=not progress)
     for batch in batched(examples, batch_size):
         ids, mask = pad_batch(batch, pad_id, device)
-        kept = _kept_mask(batch, ids.shape[1]).to(device)
+        kept = _kept_mask(batch, ids.shape[1])
 
         def add(key):
             def edit(x):
-                part = x[kept].double().sum(0)
+                part = x[kept.to(x.device)].double().sum(0)
                 sums[key] = sums[key] + part if key in sums else part
                 return x
             return edit
@@ -273,11 +273,11 @@ def _measure(model, spec, where, batch, group, means, pad_id) -> torch.Tensor:
     targets = torch.where(after, padded[:, 1:], -1).reshape(-1)[flat]
     held: list[torch.Tensor] = []
     last = spec.layers[-1]
-    index = (torch.arange(len(group))[:, None] * rows * width + flat).reshape(-1).to(device)
+    index = (torch.arange(len(group))[:, None] * rows * width + flat).reshape(-1)
     handles = [m.register_forward_pre_hook(_hook(True, replace(ch))) if pre
                else m.register_forward_hook(_hook(False, replace(ch))) for m, (pre, ch) in edits.items()]
     handles.append(last.register_forward_hook(
-        lambda _m, _a, out: held.append(_first(out).reshape(-1, spec.d_model)[index])))
+        lambda _m, _a, out: held.append(_first(out).reshape(-1, spec.d_model)[index.to(_first(out).device)])))
     try:
         copies = len(group)
         model(input_ids=ids.repeat(copies, 1), attention_mask=mask.repeat(copies, 1), use_cache=False, logits_to_keep=1)
@@ -288,21 +288,20 @@ def _measure(model, spec, where, batch, group, means, pad_id) -> torch.Tensor:
     return torch.stack([values["entropy"], values["nll"]]).reshape(2, len(group), n).transpose(0, 1).cpu()
 
 
+def _moments(name: str, values: torch.Tensor) -> dict:
+    """Count, sum and sum of squares (float64) of the non-NaN values, as `<name>_n`, `_sum`, `_sumsq`."""
+    x = values.double()[~torch.isnan(values)]
+    return {f"{name}_n": len(x), f"{name}_sum": x.sum().item(), f"{name}_sumsq": x.square().sum().item()}
+
+
 def _sums(units_: Sequence[Unit], measured: Mapping[Unit | None, torch.Tensor]) -> pd.DataFrame:
-    """Per unit: count, sum and sum of squares (float64) of the paired differences ablated − unablated."""
+    """Per unit: the moments of the paired differences ablated − unablated; a `baseline` row: the unablated values."""
     base = measured[None].double()
-    rows = []
-    for unit in units_:
-        diff = measured[unit].double() - base
-        row = {"layer": unit.layer, "component": unit.component, "head": -1 if unit.head is None else unit.head}
-        for name, d in (("entropy", diff[0]), ("nll", diff[1])):
-            d = d[~torch.isnan(d)]
-            row.update({f"{name}_n": len(d), f"{name}_sum": d.sum().item(), f"{name}_sumsq": d.square().sum().item()})
-        rows.append(row)
-    rows.append({"layer": 0, "component": "baseline", "head": -1,
-                 **{f"{name}_{k}": v for name, x in (("entropy", base[0]), ("nll", base[1]))
-                    for k, v in (("n", int((~torch.isnan(x)).sum())), ("sum", x.nansum().item()),
-                                 ("sumsq", x.square().nansum().item()))}})
+    rows = [{"layer": u.layer, "component": u.component, "head": -1 if u.head is None else u.head,
+             **_moments("entropy", measured[u][0] - base[0]), **_moments("nll", measured[u][1] - base[1])}
+            for u in units_]
+    rows.append({"layer": 0, "component": "baseline", "head": -1, **_moments("entropy", base[0]),
+                 **_moments("nll", base[1])})
     return pd.DataFrame(rows)
 
 
