@@ -97,7 +97,8 @@ def fmt(x: float, se: float | None = None) -> str:
 
 def layer_table(name: str, df: pd.DataFrame) -> list[str]:
     lines = [f"### {name}", "",
-             "| layer | stage | ΔH_ATTN | ΔH_FFN | Δ NLL, zero A_l | Δ NLL, zero F_l | Δ NLL, mean A_l | Δ NLL, mean F_l | "
+             "| layer | stage | ΔH_ATTN | ΔH_FFN | Δ NLL, zero A_l | Δ NLL, zero F_l | Δ NLL, mean A_l | "
+             "Δ NLL, mean F_l | "
              "Δ H_out, zero F_l | share of FFN Δ NLL (zero) | share of FFN abs(ΔH) |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for layer, r in df.iterrows():
@@ -156,11 +157,13 @@ def write_report(results, args, n_tokens, n_records, seconds) -> None:
         "convention). The same token ids go to both models.",
         "- Models: **stories260K** (L = 5, 8 heads) and **tiny-random**, a random-weight Llama with grouped-query "
         "attention (L = 6, d = 64, 4 heads / 2 KV heads, same tokenizer): a null reference without learned function.",
-        "- Ablation (`internal_policy.ablate`): each write (A_l, F_l, one head's z_h W_O[h]) replaced by zero, or by its "
+        "- Ablation (`internal_policy.ablate`): each write (A_l, F_l, one head's z_h W_O[h]) replaced by zero, or by "
+        "its "
         "mean over the kept positions at every position; Δ NLL of the next token and Δ entropy of the model's own "
         "output against the unablated run, ± 1 se over tokens (paired differences, ddof 1). Unablated: stories260K "
         f"NLL {base['stories260K']['nll']:.3f}, entropy {base['stories260K']['entropy']:.3f} nats; tiny-random NLL "
-        f"{base['tiny-random']['nll']:.3f}, entropy {base['tiny-random']['entropy']:.3f} nats (ln 512 = {np.log(512):.3f}).",
+        f"{base['tiny-random']['nll']:.3f}, entropy {base['tiny-random']['entropy']:.3f} nats "
+        f"(ln 512 = {np.log(512):.3f}).",
         f"- Stages: EIC segmentation of each model's profile ΔH_FFN on the same records: stories260K "
         f"{s_stages.spans()}, boundary layer {s_stages.boundary_layer}; tiny-random {t_stages.spans()}, "
         f"boundary layer {t_stages.boundary_layer}.", "",
@@ -170,16 +173,20 @@ def write_report(results, args, n_tokens, n_records, seconds) -> None:
         f"- stories260K: {len(explo)} of {len(s)} layers are exploration-stage (ΔH_FFN > 0 at every layer), so the "
         "question can only be asked within the exploration stage: does an FFN's Δ NLL when removed follow its ΔH_FFN?",
         f"- Zero-ablation Δ NLL per unit of ΔH_FFN, layer 1..{len(s)}: {', '.join(f'{v:.3f}' for v in ratio)}. "
-        f"Layers 1..{int(first_half.sum())} hold {s.loc[first_half, 'ffn_dH_share'].sum():.2f} of the summed ΔH_FFN and "
+        f"Layers 1..{int(first_half.sum())} hold {s.loc[first_half, 'ffn_dH_share'].sum():.2f} of the summed "
+        "ΔH_FFN and "
         f"{s.loc[first_half, 'zero_ffn_nll_share'].sum():.2f} of the summed Δ NLL (zero) / "
         f"{s.loc[first_half, 'mean_ffn_nll_share'].sum():.2f} (mean).",
-        f"- Spearman rank correlation of ΔH_FFN and the FFN's Δ NLL across layers: stories260K {rho['stories260K'][0]:+.2f} "
+        "- Spearman rank correlation of ΔH_FFN and the FFN's Δ NLL across layers: stories260K "
+        f"{rho['stories260K'][0]:+.2f} "
         f"(zero) / {rho['stories260K'][1]:+.2f} (mean), tiny-random {rho['tiny-random'][0]:+.2f} / "
         f"{rho['tiny-random'][1]:+.2f} — over {len(s)} and {len(t)} layers, which is too few points for a test.",
         f"- Within that stage the two do not scale together: from layer 1 to layer {len(s)} ΔH_FFN falls from "
-        f"{s['dH_ffn'].iloc[0]:.2f} to {s['dH_ffn'].iloc[-1]:.2f} nats ({s['dH_ffn'].iloc[0] / s['dH_ffn'].iloc[-1]:.1f}x), "
+        f"{s['dH_ffn'].iloc[0]:.2f} to {s['dH_ffn'].iloc[-1]:.2f} nats "
+        f"({s['dH_ffn'].iloc[0] / s['dH_ffn'].iloc[-1]:.1f}x), "
         f"while the FFN's zero-ablation Δ NLL stays between {s['zero_ffn_dnll'].min():.2f} and "
-        f"{s['zero_ffn_dnll'].max():.2f} nats. Read literally: the {'early' if ratio.iloc[0] < ratio.iloc[-1] else 'late'} "
+        f"{s['zero_ffn_dnll'].max():.2f} nats. Read literally: the "
+        f"{'early' if ratio.iloc[0] < ratio.iloc[-1] else 'late'} "
         "exploration FFNs matter *less* to the output than their large ΔH suggests, and the late ones more.",
         f"- FFN against attention (stories260K, zero): the FFN's Δ NLL exceeds the attention's at "
         f"{int((s['zero_ffn_dnll'] > s['zero_attn_dnll']).sum())} of {len(s)} layers, although ΔH_ATTN is the larger "

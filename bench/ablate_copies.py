@@ -111,9 +111,11 @@ def main() -> None:
     ratio = {m: [t / base for t, base in zip(times[m], times["copiesK"])] for m in methods[1:]}
     n_modules = args.layers * (2 + 8)
     print(f"model: random llama d=256, {args.layers} layers x 8 heads, |V|=8192; {args.records} records x "
-          f"{8 + args.length} tokens; {n_modules} modules; batch {args.batch}, copies {args.copies or 'default'}; device "
+          f"{8 + args.length} tokens; {n_modules} modules; batch {args.batch}, copies {args.copies or 'default'}; "
+          "device "
           f"{args.device}, {torch.get_num_threads()} threads")
-    print("median s over", args.rounds, "rounds:", "   ".join(f"{m} {statistics.median(times[m]):.2f}" for m in methods))
+    medians = "   ".join(f"{m} {statistics.median(times[m]):.2f}" for m in methods)
+    print("median s over", args.rounds, "rounds:", medians)
     c1, lp = ratio["copies1"], ratio["loop"]
     print(f"copies1_over_copiesK={statistics.median(c1):.3f} copies1_min={min(c1):.3f} copies1_max={max(c1):.3f} "
           f"loop_over_copiesK={statistics.median(lp):.3f} loop_min={min(lp):.3f} loop_max={max(lp):.3f}")

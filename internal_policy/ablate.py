@@ -84,6 +84,7 @@ class Unit:
 
     @property
     def name(self) -> str:
+        """'<layer>.<component>[.<head>]', e.g. '3.attn_head.5'."""
         return f"{self.layer}.{self.component}" + (f".{self.head}" if self.head is not None else "")
 
 
@@ -221,15 +222,15 @@ def mean_writes(model: nn.Module, spec: ModelSpec, examples: Sequence[Example], 
         ids, mask = pad_batch(batch, pad_id, device)
         kept = _kept_mask(batch, ids.shape[1])
 
-        def add(key):
+        def add(key, kept=kept):
             def edit(x):
                 part = x[kept.to(x.device)].double().sum(0)
                 sums[key] = sums[key] + part if key in sums else part
                 return x
             return edit
 
-        handles = [m.register_forward_pre_hook(_hook(True, add(k))) if pre else m.register_forward_hook(_hook(False, add(k)))
-                   for k, (m, pre) in targets.items()]
+        handles = [m.register_forward_pre_hook(_hook(True, add(k))) if pre
+                   else m.register_forward_hook(_hook(False, add(k))) for k, (m, pre) in targets.items()]
         try:
             with torch.no_grad():
                 model(input_ids=ids, attention_mask=mask, use_cache=False, logits_to_keep=1)
@@ -433,8 +434,8 @@ def ablate(
             continue
         ids = [e.record_id for e in batch]
         name = _shard_name(ids)
-        atomic_write(path / "shards" / f"{name}.sums.parquet", lambda p: sums.to_parquet(p, index=False))
-        atomic_write(path / "shards" / f"{name}.done", lambda p: p.write_text(json.dumps(ids)))
+        atomic_write(path / "shards" / f"{name}.sums.parquet", lambda p, t=sums: t.to_parquet(p, index=False))
+        atomic_write(path / "shards" / f"{name}.done", lambda p, i=ids: p.write_text(json.dumps(i)))
     bar.close()
     if path is not None:  # every shard in name order: a resumed run adds up exactly as an uninterrupted one
         names = sorted(p.name[:16] for p in (path / "shards").glob("*.done"))
@@ -454,7 +455,8 @@ def load_ablation(run_dir: str | Path) -> pd.DataFrame:
     """A finished ablation run's table (`attrs["meta"]`: its run.json)."""
     path = Path(run_dir)
     if not (path / ABLATION).is_file():
-        raise InputError(f"{path} holds no finished ablation run (no {ABLATION}); run `internal-policy ablate --out {path}`")
+        raise InputError(f"{path} holds no finished ablation run (no {ABLATION}); "
+                         f"run `internal-policy ablate --out {path}`")
     table = pd.read_csv(path / ABLATION, dtype={"head": "Int64"})
     table.attrs["meta"] = read_json(path / "run.json")
     return table

@@ -514,7 +514,8 @@ def ablation_figure(table: pd.DataFrame, profile: Run | None = None, label: str 
     rows = table[table["component"].isin(list(ABLATION_BARS))]
     if rows.empty:
         raise InputError("the ablation table has no attn or ffn rows; ablate with --components attn,ffn")
-    panels = [("delta_nll", "Δ NLL of the next token (nats)", ""), ("delta_entropy", "Δ output entropy (nats)", "entropy:")]
+    panels = [("delta_nll", "Δ NLL of the next token (nats)", ""),
+              ("delta_entropy", "Δ output entropy (nats)", "entropy:")]
     stages = profile.stages if profile is not None else None
     with _style():
         fig = Figure(figsize=(8.5, 2.5 * (len(panels) + (profile is not None)) + 0.7), layout="constrained")
@@ -537,7 +538,7 @@ def ablation_figure(table: pd.DataFrame, profile: Run | None = None, label: str 
             ax.set_ylabel(ylabel)
         if profile is not None:
             ax = axes[-1]
-            for comp, (name, colour) in ABLATION_BARS.items():
+            for comp, (_, colour) in ABLATION_BARS.items():
                 mean, half = series(profile.summary, comp, "delta"), band(profile.summary, comp, "delta")
                 ax.plot(mean.index, mean.to_numpy(), marker="o", ms=3.5, color=palette[colour], gid=f"profile:{comp}",
                         label=f"{quantity(comp, 'delta').removesuffix(' (nats)')} (profile)")

@@ -95,7 +95,8 @@ def reference(model, tokenizer, records, components, means=None):
             module = spec.block_part(layer - 1, getattr(spec.layout, comp))
             handle = _output_hook(module, None if means is None else means[(layer, comp)])
             try:
-                rows.append({"layer": layer, "component": comp, "head": np.nan, **_row(base, _outputs(model, examples))})
+                ablated = _outputs(model, examples)
+                rows.append({"layer": layer, "component": comp, "head": np.nan, **_row(base, ablated)})
             finally:
                 handle.remove()
     return pd.DataFrame(rows), base
@@ -187,8 +188,9 @@ def test_se_and_merging_match_numpy():
         rows = []
         for u, (d, y) in enumerate(zip(diffs[:, chunk], nll[:, chunk])):
             y = y[~np.isnan(y)]
-            rows.append({"layer": u + 1, "component": "attn", "head": -1, "entropy_n": len(d), "entropy_sum": d.sum(),
-                         "entropy_sumsq": (d ** 2).sum(), "nll_n": len(y), "nll_sum": y.sum(), "nll_sumsq": (y ** 2).sum()})
+            rows.append({"layer": u + 1, "component": "attn", "head": -1,
+                         "entropy_n": len(d), "entropy_sum": d.sum(), "entropy_sumsq": (d ** 2).sum(),
+                         "nll_n": len(y), "nll_sum": y.sum(), "nll_sumsq": (y ** 2).sum()})
         rows.append({"layer": 0, "component": "baseline", "head": -1, **{k: 1.0 for k in rows[0] if "_" in k}})
         parts.append(pd.DataFrame(rows))
     table, _ = summarize(pd.concat(parts, ignore_index=True))

@@ -15,6 +15,7 @@ from .options import add_model_options
 
 
 def register(sub: argparse._SubParsersAction) -> None:
+    """Add the `ablate` subcommand."""
     from ..ablate import COMPONENTS, MODES
 
     p = sub.add_parser("ablate", help="Δ NLL / Δ entropy of the model's output when each module's write is removed",
@@ -29,7 +30,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="extra chat-template option; repeatable")
     p.add_argument("--out", required=True, help="run folder to write (created; --resume continues it)")
     p.add_argument("--components", default="attn,ffn",
-                   help=f"comma-separated subset of {','.join(COMPONENTS)} (attn_head: one row per head; default: attn,ffn)")
+                   help=f"comma-separated subset of {','.join(COMPONENTS)} (attn_head: one row per head; "
+                        "default: attn,ffn)")
     p.add_argument("--layers", default=None, help="paper layers 1..L to ablate, e.g. 1,3,5-8 (default: all)")
     p.add_argument("--mode", choices=MODES, default="zero",
                    help="zero: remove the write; mean: replace it at every position by its mean over the kept tokens")
@@ -48,6 +50,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    """Ablate, write the table, print the largest effect and where things went; --plot draws the figure."""
     from pathlib import Path
 
     from transformers.utils import logging as hf_logging
