@@ -181,10 +181,13 @@ def write_report(syn: list[dict], maths: dict, fin: dict, minutes: float) -> Non
         "## 3. A real verifiable label: does the story mention a cat?",
         "",
         f"{len(OPENINGS)} story openings × 6 samples = {fin['n']} responses of {fin['max_new_tokens']} tokens "
-        f"({lengths}: the model does not stop early here, so length cannot confound); {fin['n_positive']} mention \"cat\" (`mentions_cat` = 1, the toy reward `word:cat`). "
+        f"({lengths}: the model does not stop early here, so length cannot confound); "
+        f"{fin['n_positive']} mention \"cat\" (`mentions_cat` = 1, "
+        "the toy reward `word:cat`). "
         "Folds grouped by prompt (`--group-folds prompt_id`), 20 permutations:",
         "",
-        "| features | CV ROC AUC ± sd over folds | permuted labels: mean ± sd | strongest single feature: component, layer (AUC) |",
+        "| features | CV ROC AUC ± sd over folds | permuted labels: mean ± sd "
+        "| strongest single feature: component, layer (AUC) |",
         "|---|---|---|---|",
     ]
     for name, result in fin["results"].items():

@@ -125,7 +125,8 @@ What it shows:
 - The lowest-entropy head per layer is head {', '.join(map(str, s['lowest_head']))} (layers 1..{len(s)}). The NLL figure
   ranks heads by how much probability their write alone gives the actual next token; its best head
   per layer is {', '.join(map(str, s['best_nll_head']))}, with NLL
-  {s['head_nll_min'].min():.3f}..{s['head_nll_min'].max():.3f} nats against {s['nll_attn'].min():.3f}..{s['nll_attn'].max():.3f} for A_l.
+  {s['head_nll_min'].min():.3f}..{s['head_nll_min'].max():.3f} nats against \
+{s['nll_attn'].min():.3f}..{s['nll_attn'].max():.3f} for A_l.
 - No head's top-1 token agrees with the model's output more than {s['top1_max'].max():.3f} of the time
   (top1_agree). The heads' cosines with the stream they read stay within |cos(head, H_{{l-1}})| ≤
   {s['cos_head_max'].max():.3f} (largest per layer in the table), the same order as cos(A_l, H_{{l-1}}),

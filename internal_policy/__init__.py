@@ -5,6 +5,7 @@ Layers are numbered as in the paper (arXiv 2512.19673): 1..L, with 0 for the emb
 
 __version__ = "0.1.0"
 
+from .ablate import AblationSettings, ablate, load_ablation
 from .attnrl import BranchPoints, branch_points, load_branch_points
 from .capture import COMPONENTS, capture, extract, forward_until
 from .entropy import Decoder, entropy_from_logits
@@ -17,6 +18,7 @@ from .report import write_report
 from .settings import ProfileSettings
 
 __all__ = [
+    "AblationSettings",
     "BranchPoints",
     "COMPONENTS",
     "Decoder",
@@ -26,6 +28,7 @@ __all__ = [
     "ProfileSettings",
     "Sampling",
     "UnsupportedModelError",
+    "ablate",
     "branch_points",
     "capture",
     "describe",
@@ -33,6 +36,7 @@ __all__ = [
     "extract",
     "forward_until",
     "generate",
+    "load_ablation",
     "load_branch_points",
     "load_model",
     "load_run",

@@ -211,7 +211,8 @@ def generate(
     return responses
 
 
-def score_responses(responses: Sequence[Mapping], records: Sequence[Mapping], scorer: str = "math-verify") -> list[dict]:
+def score_responses(responses: Sequence[Mapping], records: Sequence[Mapping],
+                    scorer: str = "math-verify") -> list[dict]:
     """Responses with their prompt record's scalar fields and, where that record has a gold answer, `answer` and
     `correct` (int 0/1 by the `scorer` checker on the response text); see the module docstring."""
     check = SCORERS[scorer]

@@ -578,8 +578,83 @@ def plot_run(run_dir: str | Path, out_dir: str | Path | None = None, kinds: Sequ
     return plot_runs([run_dir], out_dir, kinds)
 
 
+
+# --- Module ablation (`internal_policy.ablate`): the `ablation` figure -------------------------------------------
+
+ABLATION_BARS = {"attn": ("attention A_l", 0), "ffn": ("FFN F_l", 3)}
+"""Bar label and colour-blind palette index of each ablated component."""
+
+
+def ablation_figure(table: pd.DataFrame, profile: Run | None = None, label: str = "model") -> Figure:
+    """Δ NLL (top) and Δ output entropy (middle) per layer when A_l or F_l is ablated, bars side by side (± 1 se);
+    with a `profile` run of the same records, its ΔH_ATTN / ΔH_FFN (bottom) and EIC stages shaded on every panel.
+
+    Bars have gid "<component>:<layer>" (Δ NLL) and "entropy:<component>:<layer>"; per-head rows are not drawn.
+    """
+    rows = table[table["component"].isin(list(ABLATION_BARS))]
+    if rows.empty:
+        raise InputError("the ablation table has no attn or ffn rows; ablate with --components attn,ffn")
+    panels = [("delta_nll", "Δ NLL of the next token (nats)", ""),
+              ("delta_entropy", "Δ output entropy (nats)", "entropy:")]
+    stages = profile.stages if profile is not None else None
+    with _style():
+        fig = Figure(figsize=(8.5, 2.5 * (len(panels) + (profile is not None)) + 0.7), layout="constrained")
+        axes = fig.subplots(len(panels) + (profile is not None), 1, sharex=True, squeeze=False)[:, 0]
+        palette = _colours(10)
+        for i, ax in enumerate(axes):
+            if stages is not None:
+                _shade_stages(ax, stages, label=i == 0)
+                _mark_boundary(ax, stages, label, "0.3")
+            ax.axhline(0, ls="--", color="0.25", lw=0.9, gid="zero")
+            _layer_ticks(ax)
+        for ax, (column, ylabel, prefix) in zip(axes, panels):
+            for k, (comp, (name, colour)) in enumerate(ABLATION_BARS.items()):
+                part = rows[rows["component"] == comp]
+                x = part["layer"].to_numpy() + (k - 0.5) * 0.38
+                bars = ax.bar(x, part[column], width=0.38, color=palette[colour], label=f"ablate {name}",
+                              yerr=part[f"{column}_se"], error_kw=dict(lw=0.8, capsize=2))
+                for bar, layer in zip(bars.patches, part["layer"]):
+                    bar.set_gid(f"{prefix}{comp}:{layer}")
+            ax.set_ylabel(ylabel)
+        if profile is not None:
+            ax = axes[-1]
+            for comp, (_, colour) in ABLATION_BARS.items():
+                mean, half = series(profile.summary, comp, "delta"), band(profile.summary, comp, "delta")
+                ax.plot(mean.index, mean.to_numpy(), marker="o", ms=3.5, color=palette[colour], gid=f"profile:{comp}",
+                        label=f"{quantity(comp, 'delta').removesuffix(' (nats)')} (profile)")
+                ax.fill_between(mean.index, mean - half, mean + half, color=palette[colour], alpha=0.22, lw=0)
+            ax.set_ylabel("ΔH of the module (nats)")
+        axes[-1].set_xlabel(LAYER_AXIS)
+        mode = table.attrs.get("meta", {}).get("mode", "zero")
+        fig.suptitle(f"{label}: {mode}-ablation of each module (bars: ± 1 se over tokens)")
+        _legend(fig, axes, _boundary_key([replace(profile, label=label)]) if profile is not None else ())
+    return fig
+
+
+def plot_ablation(run_dir: str | Path, profile_dir: str | Path | None = None,
+                  out_dir: str | Path | None = None) -> list[Path]:
+    """The `ablation` figure of an ablation run (default into RUN_DIR/figures), aligned with a profile run of the
+    same records and weights when `profile_dir` is given (anything else is refused); returns the PNG and PDF paths."""
+    from .ablate import load_ablation
+
+    table = load_ablation(run_dir)
+    meta = table.attrs["meta"]
+    profile = None
+    if profile_dir is not None:
+        profile = Run.from_dir(profile_dir)
+        theirs = load_run(profile_dir).meta
+        differ = [what for what, key in (("records", "records_sha256"), ("weights", "weights_sha256"))
+                  if theirs.get(key) != meta.get(key)]
+        if differ:
+            raise InputError(f"--profile {profile_dir} is not a profile of the same records and model as {run_dir} "
+                             f"({' and '.join(differ)} differ); profile the same --input with the same --model")
+    label = Path(str(meta.get("model") or Path(run_dir).name)).name
+    fig = ablation_figure(table, profile, label)
+    return save_figure(fig, Path(out_dir) if out_dir is not None else Path(run_dir) / "figures", "ablation")
+
+
 __all__ = [
-    "KINDS", "Run", "band", "compare_figure", "cosine_figure", "delta_figure", "figures", "flow_figure",
-    "heads_figure", "heatmap_figure", "lens_figure", "plot_run", "plot_runs", "save_figure", "series",
-    "stages_figure", "token_label",
+    "KINDS", "Run", "ablation_figure", "band", "compare_figure", "cosine_figure", "delta_figure", "figures",
+    "flow_figure", "heads_figure", "heatmap_figure", "lens_figure", "plot_ablation", "plot_run", "plot_runs",
+    "save_figure", "series", "stages_figure", "token_label",
 ]

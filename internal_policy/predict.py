@@ -47,6 +47,7 @@ class Prediction:
 
     @property
     def auc(self) -> float:
+        """Cross-validated ROC AUC of all features together."""
         return float(self.table["auc"].iloc[0])
 
     @property

@@ -286,11 +286,12 @@ def _fields(records: Sequence[Mapping], examples: list[Example], group_by: str |
     if group_by is not None:
         missing = table["record_id"][table[group_by].isna()] if group_by in table else table["record_id"]
         if len(missing):
+            have = ", ".join(c for c in table.columns if c != "record_id") or "none"
             hint = ("records get `correct` from --generate on prompts with a gold answer (answer, "
                     "reward_model.ground_truth, solution)" if group_by == "correct" else
-                    f"scalar fields the records have: {', '.join(c for c in table.columns if c != 'record_id') or 'none'}")
-            raise InputError(f"--group-by {group_by}: {len(missing)} of {len(table)} records have no {group_by!r} field "
-                             f"(first: record {missing.iloc[0]}); {hint}")
+                    f"scalar fields the records have: {have}")
+            raise InputError(f"--group-by {group_by}: {len(missing)} of {len(table)} records have no {group_by!r} "
+                             f"field (first: record {missing.iloc[0]}); {hint}")
     return table
 
 

@@ -304,6 +304,7 @@ class ProfileResult:
 
     @property
     def records(self) -> pd.DataFrame | None:
+        """The per-record table (None without one), read from disk on first access."""
         path = self.out_dir / RECORDS if self.out_dir is not None else None
         if self._records is None and path is not None and path.exists():
             self._records = pd.read_parquet(path)

@@ -96,7 +96,8 @@ def assert_records_match_tokens(records: pd.DataFrame, tokens: pd.DataFrame, ato
     key = ["record_id", "layer", "component"]
     stats = [c for c in ("entropy", "delta", "cos_resid", "nll", "rank", "kl_out") if c in tokens.columns]
     grouped = tokens.groupby(key)[stats]
-    expected = grouped.mean().join(grouped.std(ddof=0), rsuffix="_std").join(tokens.groupby(key).size().rename("n_tokens"))
+    sizes = tokens.groupby(key).size().rename("n_tokens")
+    expected = grouped.mean().join(grouped.std(ddof=0), rsuffix="_std").join(sizes)
     got = records.set_index(key)
     assert len(got) == len(expected) and not got.index.duplicated().any()
     got = got.loc[expected.index]

@@ -203,7 +203,8 @@ def _planted(n: int = 60, positives: int = 18, layer: int = 3, effect: float = 1
 def _auc(scores: np.ndarray, labels: np.ndarray) -> float:
     """ROC AUC by its definition: P(score of a positive > score of a negative), ties counting half."""
     pos, neg = scores[labels == 1], scores[labels == 0]
-    return float(((pos[:, None] > neg[None, :]).sum() + 0.5 * (pos[:, None] == neg[None, :]).sum()) / (len(pos) * len(neg)))
+    wins = (pos[:, None] > neg[None, :]).sum() + 0.5 * (pos[:, None] == neg[None, :]).sum()
+    return float(wins / (len(pos) * len(neg)))
 
 
 @pytest.fixture(scope="module")

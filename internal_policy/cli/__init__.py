@@ -11,7 +11,7 @@ import sys
 
 from ..errors import InputError
 
-COMMANDS = ("profile", "train", "evaluate", "plot", "stages", "report", "predict", "branch_points")
+COMMANDS = ("profile", "train", "evaluate", "plot", "stages", "report", "predict", "ablate", "branch_points")
 INTERRUPTED = 130
 """Exit code after Ctrl-C (128 + SIGINT), as shells report it."""
 

@@ -6,6 +6,7 @@ import argparse
 
 
 def register(sub: argparse._SubParsersAction) -> None:
+    """Add `predict` and its options to the subcommands."""
     p = sub.add_parser("predict", help="how well the per-record layer profile predicts a field such as `correct`",
                        description="Cross-validated ROC AUC (standardised logistic regression, seeded stratified "
                                    "k-fold) of a binary record field from one statistic at every layer of a profile "
@@ -28,6 +29,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    """Fit and score the predictor, print the report and write predict.csv / predict.json."""
     from ..predict import predict
 
     components = tuple(c.strip() for c in args.components.split(",") if c.strip())
