@@ -31,7 +31,7 @@ import pandas as pd
 from threadpoolctl import threadpool_limits
 
 from .errors import InputError
-from .runs import RECORDS, ProfileResult, writable_dir
+from .runs import HEAD_COLUMN, RECORDS, ProfileResult, writable_dir
 
 CSV, JSON = "predict.csv", "predict.json"
 
@@ -96,9 +96,13 @@ def _read(run) -> pd.DataFrame:
 
 def _design(records: pd.DataFrame, target: str, stat: str, components: Sequence[str]):
     """(features [records × (component, layer)], labels 0/1, record ids, positive class) with clear errors."""
+    if "attn_head" in components:
+        raise InputError("--components attn_head: predict uses one feature per (layer, component), and heads are "
+                         "several per layer; choose among layer, attn, ffn and the other per-layer components")
     stats = [c.removesuffix("_sum") for c in records.columns if c.endswith("_sum")]
     derived = {f"{n}{end}" for n in stats for end in ("", "_std", "_se", "_n", "_sum", "_sumsq")}
-    fields = [c for c in records.columns if c not in derived | {"record_id", "layer", "component", "n_tokens"}]
+    fields = [c for c in records.columns
+              if c not in derived | {"record_id", "layer", "component", HEAD_COLUMN, "n_tokens"}]
     if target not in fields:
         raise InputError(f"--target {target}: the records have no field {target!r} (they have: "
                          f"{', '.join(fields) or 'none'}); "

@@ -94,9 +94,12 @@ def assert_records_match_tokens(records: pd.DataFrame, tokens: pd.DataFrame, ato
     """records.parquet against a plain pandas groupby over tokens.parquet: per (record, layer, component) the
     mean and population std of every statistic over that record's tokens, and the token count."""
     key = ["record_id", "layer", "component"]
+    if "head" in tokens.columns:  # -1 on the rows without a head: a MultiIndex lookup cannot match <NA>
+        key.append("head")
+        tokens, records = (t.assign(head=t["head"].fillna(-1).astype(int)) for t in (tokens, records))
     stats = [c for c in ("entropy", "delta", "cos_resid", "nll", "rank", "kl_out") if c in tokens.columns]
-    grouped = tokens.groupby(key)[stats]
-    sizes = tokens.groupby(key).size().rename("n_tokens")
+    grouped = tokens.groupby(key, dropna=False)[stats]
+    sizes = tokens.groupby(key, dropna=False).size().rename("n_tokens")
     expected = grouped.mean().join(grouped.std(ddof=0), rsuffix="_std").join(sizes)
     got = records.set_index(key)
     assert len(got) == len(expected) and not got.index.duplicated().any()

@@ -12,6 +12,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from helpers import assert_records_match_tokens
 from helpers_stats import check_stats, reference_stats
 from transformers.pytorch_utils import Conv1D
 
@@ -21,6 +22,7 @@ from internal_policy.data import tokenize_records
 from internal_policy.errors import InputError
 from internal_policy.models import describe
 from internal_policy.plot import KINDS, Run, heads_figure, plot_runs
+from internal_policy.predict import predict
 from internal_policy.profile import load_run, profile
 from internal_policy.settings import ProfileSettings
 from internal_policy.stages import segment
@@ -199,6 +201,11 @@ def test_heads_resume_and_resume_key(stories, tmp_path, monkeypatch):
     resumed = profile(model, tok, RECORDS, out_dir=tmp_path / "cut", resume=True, **options)
     pd.testing.assert_frame_equal(resumed.summary, whole.summary, check_exact=False, atol=1e-12, rtol=0)
     pd.testing.assert_frame_equal(resumed.tokens, whole.tokens)
+    pd.testing.assert_frame_equal(resumed.records, whole.records, check_exact=False, atol=1e-12, rtol=0)
+    assert set(whole.records["head"].dropna()) == set(range(describe(model).n_heads))
+    assert_records_match_tokens(load_run(tmp_path / "cut").records, whole.tokens)
+    with pytest.raises(InputError, match="attn_head: predict uses one feature per"):
+        predict(tmp_path / "cut", target="record_id", components=("attn_head",))
     with pytest.raises(InputError, match=r"settings differ .* --components"):
         profile(model, tok, RECORDS, out_dir=tmp_path / "cut", resume=True, **{**options, "components": ("attn",)})
 
