@@ -28,7 +28,6 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from threadpoolctl import threadpool_limits
 
 from .errors import InputError
 from .runs import HEAD_COLUMN, RECORDS, ProfileResult, writable_dir
@@ -210,6 +209,8 @@ def predict(
     nulls = [(labels, [(a, b) for a, b in _folds(labels, groups, folds, seed) if len(np.unique(labels[b])) == 2])
              for labels in shuffled]
     x = features.to_numpy(float)
+    from threadpoolctl import threadpool_limits  # with scikit-learn: imported when used, not with the package
+
     with threadpool_limits(1):  # thousands of tiny fits: BLAS threads only add overhead (10x here)
         rows = [{"component": "all", "layer": np.nan, **_row(x, y, splits, nulls), "mean_diff": np.nan}]
         for k, (component, layer) in enumerate(features.columns):

@@ -78,6 +78,11 @@ class Chunk:
         """A view of the scratch block of this shape (None without one: the op then allocates)."""
         return self.scratch[: math.prod(shape)].view(shape) if self.scratch is not None else None
 
+    @staticmethod
+    def dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """Σ over the last dim of a·b, fused (no [R, C] product is written)."""
+        return torch.linalg.vecdot(a, b, dim=-1)
+
     def rowsum(self, op, *args) -> torch.Tensor:
         """Σ over the last dim of op(*args) (e.g. torch.mul, e, z), the product written into the scratch block."""
         shape = torch.broadcast_shapes(*(a.shape for a in args if isinstance(a, torch.Tensor)))
@@ -163,7 +168,7 @@ class Entropy(Statistic):
 
     def after(self, state, c):
         """Rescale u to the new running max and add this chunk's Σ e^{z−m}(z−m)."""
-        state["u"] = c.r * (state["u"] + c.delta * c.s_old) + c.rowsum(torch.mul, c.e, c.z)
+        state["u"] = c.r * (state["u"] + c.delta * c.s_old) + c.dot(c.e, c.z)
 
     def finish(self, state, r):
         """H = log s − u/s."""
@@ -204,7 +209,7 @@ class Renyi(Statistic):
         """Rescale q by e^{αδ} and add this chunk's Σ e^{α(z−m)}."""
         if math.isinf(self.alpha):
             return
-        powered = c.rowsum(torch.mul, c.e, c.e) if self.alpha == 2 else c.rowsum(torch.pow, c.e, self.alpha)
+        powered = c.dot(c.e, c.e) if self.alpha == 2 else c.rowsum(torch.pow, c.e, self.alpha)
         state["q"] = c.r.pow(self.alpha) * state["q"] + powered
 
     def finish(self, state, r):
@@ -310,7 +315,7 @@ class KLOut(Statistic):
         """Rescale A to both new running maxima and add this chunk's Σ e_out·((z_out−a) − (z−b))."""
         o = c.ref
         if "ez" not in o.cache:  # Σ e_out·(z_out − a) per token, shared by every site of the chunk
-            o.cache["ez"] = c.rowsum(torch.mul, o.e, o.z)
+            o.cache["ez"] = c.dot(o.e, o.z)
         tokens, width = o.z.shape  # Σ e_out·(z − b) of every site row: one batched matrix-vector product per token
         cross = torch.bmm(c.z.view(-1, tokens, width).transpose(0, 1), o.e[:, :, None])[:, :, 0].T.reshape(-1)
         # the rescaling in float64 from the exact fp32 maxima (an fp32 e^δ is off by ~eps·|δ| relative)
