@@ -206,8 +206,8 @@ def generate(
             write_jsonl(run.path / RESPONSES, responses)
         barrier()
     finally:
-        if run is not None and run.lock is not None:
-            run.lock.release()
+        if run is not None:
+            run.release()
     return responses
 
 

@@ -29,8 +29,9 @@ A run folder holds:
 - `tokens.parquet`: one row per (kept token, layer, component[, head]) unless `keep_tokens=False`
   (`attn_head` adds L·n_heads rows per token: use `--no-tokens` for big models);
 - `run.json`: model, settings (`ProfileSettings`), fingerprints, counts, package version, status;
-- `shards/`: what each finished batch wrote (sums, per-record sums, tokens, and a `.done` marker written last).
+- `shards/`: what each finished batch wrote (per-record sums, tokens, and a `.done` marker written last).
   A record lies in one batch, so per-record sums are complete in their shard and merge by concatenation;
+  the summary and the per-group rows are sums of them;
   the record fields and groups are joined from the input at the end, so they need not match on resume.
   An interrupted run resumes from the shards whose marker exists; nothing finished is recomputed,
   and a run whose settings, records, weights or dtype differ is refused (`settings.resume_key`).
@@ -137,7 +138,7 @@ def _texts(ids: np.ndarray, tokenizer) -> np.ndarray:
 
 
 def _profile_batch(model, spec, plan, decoders, batch, pad_id, settings, tokenizer):
-    """Run one batch; return (per-site sums, per-record-and-site sums, per-token DataFrame or None)."""
+    """Run one batch; return (per-record-and-site sums, per-token DataFrame or None)."""
     stats = settings.statistics()
     kept = [_kept_positions(e, settings.token_sample, settings.seed) for e in batch]
     held = set(plan.direct) | ({plan.output} if any(st.needs_output for st in stats) else set())
@@ -187,10 +188,7 @@ def _profile_batch(model, spec, plan, decoders, batch, pad_id, settings, tokeniz
         ids["token"] = _texts(token_ids, tokenizer)
         head = pd.DataFrame(ids)
         tokens = _sort_tokens([pd.concat([head, block], axis=1) for block in blocks])
-    per_record = head_ints(pd.concat(record_sums, ignore_index=True))
-    keys = ["layer", "component", *([HEAD_COLUMN] if plan.heads else [])]
-    sums = per_record.drop(columns="record_id").groupby(keys, sort=False, as_index=False, dropna=False).sum(min_count=1)
-    return sums, per_record, tokens
+    return head_ints(pd.concat(record_sums, ignore_index=True)), tokens
 
 
 def _head_of(plan: SitePlan, site) -> dict:
@@ -253,18 +251,10 @@ def _concat_parquet(parts: list[Path], target: Path) -> None:
 
 
 def _merge(run: RunDir, meta: dict, keep_tokens: bool, fields: pd.DataFrame, group_by: str | None) -> ProfileResult:
-    """Merge every finished shard into summary.csv / records.parquet / tokens.parquet and mark the run complete.
-
-    Shards written by a version without per-record sums leave records.parquet out (and refuse `group_by`)."""
-    parts = run.shard_files("records")
-    record_sums = (pd.concat([read_shard(p).to_pandas() for p in parts], ignore_index=True)
-                   if all(p.exists() for p in parts) else None)
-    summary, groups, records = _tables(run.read_shards("sums"), record_sums, fields, group_by)
+    """Merge every finished shard into summary.csv / records.parquet / tokens.parquet and mark the run complete."""
+    summary, groups, records = _tables(run.read_shards("records"), fields, group_by)
     run.write(SUMMARY, lambda p: _with_groups(summary, groups).to_csv(p, index=False))
-    if records is not None:
-        run.write(RECORDS, lambda p: records.to_parquet(p, index=False))
-    else:
-        (run.path / RECORDS).unlink(missing_ok=True)  # ours, and no longer covering every shard
+    run.write(RECORDS, lambda p: records.to_parquet(p, index=False))
     if keep_tokens:
         run.write(TOKENS, lambda p: _concat_parquet(run.shard_files("tokens"), p))
     meta = run.finish({**meta, "n_records": len(run.finished_ids()), "n_tokens": int(summary.iloc[0]["n_tokens"])})
@@ -295,16 +285,12 @@ def _fields(records: Sequence[Mapping], examples: list[Example], group_by: str |
     return table
 
 
-def _tables(sums: pd.DataFrame, record_sums: pd.DataFrame | None, fields: pd.DataFrame, group_by: str | None):
-    """(summary, per-group summary or None, records table or None) from merged sums and the record fields.
+def _tables(record_sums: pd.DataFrame, fields: pd.DataFrame, group_by: str | None):
+    """(summary, per-group summary or None, records table) from the per-record sums and the record fields.
 
-    The per-group rows sum the per-record sums of each group's records (`group`: the field's value as text)."""
-    summary = summarize(sums)
-    if record_sums is None:
-        if group_by is not None:
-            raise InputError("--group-by needs per-record sums, which shards of an older version lack; profile "
-                             "again into a new --out")
-        return summary, None, None
+    The summary sums every record's sums; the per-group rows those of each group's records (`group`: the
+    field's value as text)."""
+    summary = summarize(record_sums.drop(columns="record_id"))
     table = summarize(record_sums, keys=["record_id"])
     extra = [c for c in fields.columns if c not in table.columns]
     records = fields[["record_id", *extra]].merge(table, on="record_id")[[*table.columns, *extra]]
@@ -368,24 +354,22 @@ def profile(
     pending = [e for e in examples if e.record_id not in done]
     mine = pending[rank::world]
     pad_id = pad_token_id(tokenizer)
-    all_sums, all_records, all_tokens = [], [], []
+    all_records, all_tokens = [], []
     bar = tqdm(total=sum(len(e.input_ids) for e in mine), unit="tok", unit_scale=True,
                desc=f"profile{f' rank {rank}' if world > 1 else ''}", disable=not progress)
     started = time.perf_counter()
     for batch in batched(mine, settings.batch_size):
-        sums, record_sums, tokens = _profile_batch(model, spec, plan, decoders, batch, pad_id, settings, tokenizer)
+        record_sums, tokens = _profile_batch(model, spec, plan, decoders, batch, pad_id, settings, tokenizer)
         if run:
-            run.write_shard([e.record_id for e in batch], sums=sums, records=record_sums, tokens=tokens)
+            run.write_shard([e.record_id for e in batch], records=record_sums, tokens=tokens)
         else:
-            all_sums.append(sums)
             all_records.append(record_sums)
             all_tokens.append(tokens)
         bar.update(sum(len(e.input_ids) for e in batch))
     bar.close()
     meta["seconds"] = round(time.perf_counter() - started, 3)
     if run is None:
-        summary, groups, records = _tables(pd.concat(all_sums, ignore_index=True),
-                                           pd.concat(all_records, ignore_index=True), fields, settings.group_by)
+        summary, groups, records = _tables(pd.concat(all_records, ignore_index=True), fields, settings.group_by)
         tokens = pd.concat(all_tokens, ignore_index=True) if settings.keep_tokens else None
         meta.update(n_records=len(examples), n_tokens=int(summary.iloc[0]["n_tokens"]), status="complete")
         return ProfileResult(summary, meta, groups=groups, _tokens=tokens, _records=records)

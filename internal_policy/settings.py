@@ -10,10 +10,11 @@ The resume key also fingerprints what the numbers depend on besides the settings
   texts under the same ids, another tokenizer or chat template all change it;
 - `chat_template_sha256`: the chat template in use (`--chat-template` file or the tokenizer's own);
 - `weights_sha256`: SHA-256 of every parameter and buffer of the loaded model (name, dtype, shape,
-  bytes). This reads the weights once, copying GPU tensors to the CPU one at a time: about 1 s per
-  GB on one CPU core. It hashes the weights actually used (after dtype conversion or in-memory
-  edits, and for hub models), which file hashes would not; parameters offloaded to disk by
-  accelerate (meta tensors) are covered by hashing the model folder's weight files instead;
+  bytes). This reads the weights once, copying GPU tensors to the CPU one at a time: one SHA-256
+  pass over the model's bytes on one CPU core (not benchmarked). It hashes the weights actually
+  used (after dtype conversion or in-memory edits, and for hub models), which file hashes would not;
+  parameters offloaded to disk by accelerate (meta tensors) are covered by hashing the model
+  folder's weight files instead;
 - `dtype`: the unembedding's dtype.
 Batch size, the hidden-state budget and the linear path are not in the key: they change results
 only by float rounding; nor is `group_by`, which only regroups finished per-record sums at the end.
@@ -76,7 +77,8 @@ class ProfileSettings:
     token_sample: float | None = _option(None, "decode a seeded random fraction of the positions")
     seed: int = _option(0, "seed of --token-sample and of --generate sampling")
     truncate: bool = _option(False, "cut records longer than the context instead of failing")
-    keep_tokens: bool = _option(True, "skip tokens.parquet (summary only; for big runs)", flag="--no-tokens")
+    keep_tokens: bool = _option(True, "skip tokens.parquet (summary.csv and records.parquet only; for big runs)",
+                                flag="--no-tokens")
     chat: dict = _option({}, "chat-template options (the CLI fills them from --thinking / --chat-option)",
                          flag="--thinking/--chat-option", cli=False)
     group_by: str | None = _option(None, "also summarise per value of this record field (e.g. correct, from --generate "

@@ -54,6 +54,11 @@ Key = Hashable
 """A site's name in `decode` (the profile uses (layer, component))."""
 
 
+def _expand(ref_values: torch.Tensor, rows: int) -> torch.Tensor:
+    """Per-token reference values [T, ...] repeated for every group of `rows` = G·T site rows."""
+    return ref_values.repeat(rows // ref_values.shape[0], *([1] * (ref_values.dim() - 1)))
+
+
 @dataclass
 class Chunk:
     """One vocabulary chunk of a block of rows as the statistics see it (see module docstring)."""
@@ -83,15 +88,9 @@ class Chunk:
         """Σ over the last dim of a·b, fused (no [R, C] product is written)."""
         return torch.linalg.vecdot(a, b, dim=-1)
 
-    def rowsum(self, op, *args) -> torch.Tensor:
-        """Σ over the last dim of op(*args) (e.g. torch.mul, e, z), the product written into the scratch block."""
-        shape = torch.broadcast_shapes(*(a.shape for a in args if isinstance(a, torch.Tensor)))
-        return op(*args, out=self.buffer(shape)).sum(-1)
-
     def expand(self, ref_values: torch.Tensor) -> torch.Tensor:
         """Per-token reference values [T, ...] repeated for every group of our rows [G·T, ...]."""
-        groups = self.z.shape[0] // ref_values.shape[0]
-        return ref_values.repeat(groups, *([1] * (ref_values.dim() - 1)))
+        return _expand(ref_values, self.z.shape[0])
 
 
 @dataclass
@@ -112,8 +111,7 @@ class Rows:
 
     def expand(self, ref_values: torch.Tensor) -> torch.Tensor:
         """Per-token reference values [T, ...] repeated for every group of our rows [G·T, ...]."""
-        groups = self.m.shape[0] // ref_values.shape[0]
-        return ref_values.repeat(groups, *([1] * (ref_values.dim() - 1)))
+        return _expand(ref_values, self.m.shape[0])
 
     def where_target(self, values: torch.Tensor) -> torch.Tensor:
         """NaN where the row has no next token."""
@@ -209,7 +207,8 @@ class Renyi(Statistic):
         """Rescale q by e^{αδ} and add this chunk's Σ e^{α(z−m)}."""
         if math.isinf(self.alpha):
             return
-        powered = c.dot(c.e, c.e) if self.alpha == 2 else c.rowsum(torch.pow, c.e, self.alpha)
+        powered = (c.dot(c.e, c.e) if self.alpha == 2  # the power written into the scratch block, not a new one
+                   else torch.pow(c.e, self.alpha, out=c.buffer(c.e.shape)).sum(-1))
         state["q"] = c.r.pow(self.alpha) * state["q"] + powered
 
     def finish(self, state, r):
@@ -345,10 +344,6 @@ class TopK(Statistic):
     def columns(self) -> tuple[str, ...]:
         """Two columns: the top-k token ids and their probabilities."""
         return ("topk_ids", "topk_probs")
-
-    def start(self, rows, device):
-        """No state before the first chunk."""
-        return {}
 
     def before(self, state, c):
         """Merge this chunk's k largest logits with the best k so far."""

@@ -141,8 +141,8 @@ def test_group_by_any_field_and_missing_field_errors(stories, scored, capsys):
         profile(model, tok, responses, group_by="colour", progress=False)
 
 
-def test_resume_regroups_without_recomputing_and_old_shards_lose_only_the_records(stories, scored, tmp_path,
-                                                                                    monkeypatch):
+def test_resume_regroups_without_recomputing_and_a_missing_records_shard_is_named(stories, scored, tmp_path,
+                                                                                   monkeypatch):
     import shutil
 
     model, tok = stories
@@ -156,14 +156,13 @@ def test_resume_regroups_without_recomputing_and_old_shards_lose_only_the_record
     assert set(load_run(copy).groups["group"]) == {"easy", "hard"}
     pd.testing.assert_frame_equal(again.summary, run.summary)
     pd.testing.assert_frame_equal(load_run(copy).records, run.records)
-    next((copy / "shards").glob("*.records.parquet")).unlink()  # a shard written before records.parquet existed
-    with pytest.raises(InputError, match="--group-by needs per-record sums, which shards of an older version lack"):
-        profile(model, tok, answered, stats=["entropy", "nll"], batch_size=3, out_dir=copy, group_by="level",
-                resume=True, progress=False)
-    old = profile(model, tok, answered, stats=["entropy", "nll"], batch_size=3, out_dir=copy, resume=True,
-                  progress=False)
-    assert old.records is None and not (copy / "records.parquet").exists()
-    pd.testing.assert_frame_equal(old.summary, run.summary)
+    summary = (copy / "summary.csv").read_bytes()
+    shard = next((copy / "shards").glob("*.records.parquet"))
+    shard.unlink()  # the summary is merged from the per-record sums: a lost shard is named, nothing is rewritten
+    with pytest.raises(InputError, match=rf"shard .*{shard.name} is damaged .* delete it and its .*\.done marker"):
+        profile(model, tok, answered, stats=["entropy", "nll"], batch_size=3, out_dir=copy, resume=True,
+                progress=False)
+    assert (copy / "summary.csv").read_bytes() == summary
 
 
 def test_grouped_figures_draw_one_curve_and_band_per_group(scored):

@@ -199,7 +199,7 @@ def test_a_damaged_summary_is_named(finished, capsys, content, pattern):
 def test_damaged_files_on_resume_are_named_and_lose_nothing(interrupted, capsys, damage):
     argv, out = interrupted
     marker = next((out / "shards").glob("*.done"))
-    shard = marker.with_name(marker.name.replace(".done", ".sums.parquet"))
+    shard = marker.with_name(marker.name.replace(".done", ".records.parquet"))
     target = {"run.json": out / "run.json", "done": marker, "shard": shard}[damage]
     target.write_bytes(target.read_bytes()[: len(target.read_bytes()) // 2])
     name = re.escape(target.name)

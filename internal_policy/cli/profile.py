@@ -29,7 +29,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     """Add `profile` and its options to the subcommands."""
     p = sub.add_parser("profile", help="entropy (and more statistics) of every internal policy per token",
                        description="Profile internal policies (entropy, Rényi, NLL, rank, KL to the output, top-k); "
-                                   "writes summary.csv, tokens.parquet, run.json.")
+                                   "writes summary.csv, records.parquet, tokens.parquet, run.json.")
     add_model_options(p, dtype_help=f"{CHECKPOINT_DTYPE}; entropy is accumulated in fp32 whatever the dtype")
     p.add_argument("--input", default=None,
                    help="records: .jsonl ({'text'}, {'prompt','response'}, {'messages'}), .parquet, a saved HF "
