@@ -100,6 +100,11 @@ def test_evaluate_writes_table_with_maj_at_k(tmp_path, capsys):
                                    "maj@2", "maj@4"]
     assert table.loc[0, "n"] == 4 and (tmp_path / "ev" / "pass_at_k.png").is_file()
     assert (tmp_path / "ev" / "pass_at_k.pdf").is_file()
+    before = (tmp_path / "ev" / "table.csv").read_bytes()
+    (tmp_path / "ev" / "scores.parquet").unlink()  # a folder holding any of evaluate's files is refused
+    assert main(["evaluate", "--data", str(data), "--out", str(tmp_path / "ev")]) == 2
+    assert "already holds table.csv, pass_at_k.png, pass_at_k.pdf; give a new folder" in capsys.readouterr().err
+    assert (tmp_path / "ev" / "table.csv").read_bytes() == before
 
 
 @pytest.mark.parametrize("args, message", [

@@ -13,7 +13,9 @@ TEXT = "The little girl was happy because she found her red ball in the park."
 
 def test_measure_matches_hf_hidden_states(stories):
     model, tok = stories
-    rows = {(r["metric"], r["layer"]): r["value"] for r in measure(model, tok, [{"text": TEXT}], k=2)}
+    # two ks in one measurement: k = 1 rides the fused decoding, k = 2 the extra KL pass of later layers
+    both = measure(model, tok, [{"text": TEXT}], k=(1, 2))
+    rows = {(r["metric"], r["layer"]): r["value"] for r in both if r["k"] in (-1, 2)}
     ids = torch.tensor([tok(TEXT)["input_ids"]])
     with torch.no_grad():
         out = model(ids, labels=ids, output_hidden_states=True)
@@ -30,6 +32,15 @@ def test_measure_matches_hf_hidden_states(stories):
     kl = torch.nn.functional.kl_div(p3, p2, log_target=True, reduction="none").sum(-1).mean()
     assert rows[("kl_k", 3)] == pytest.approx(kl.item(), abs=1e-4)
     assert {l for (m, l) in rows if m == "cos_k"} == {3, 4, 5}
+    p1 = torch.log_softmax(hs[1][0, keep] @ W.T, -1)
+    kl1 = torch.nn.functional.kl_div(p2, p1, log_target=True, reduction="none").sum(-1).mean()
+    k1 = {(r["metric"], r["layer"]): r["value"] for r in both if r["k"] == 1}
+    assert k1[("kl_k", 2)] == pytest.approx(kl1.item(), abs=1e-4)
+    assert k1[("delta_k", 1)] == pytest.approx((ent[1] - entropy_from_logits(hs[0][0, keep] @ W.T)).mean().item(),
+                                               abs=1e-4)
+    assert sorted(l for (m, l) in k1 if m == "kl_k") == [2, 3, 4, 5]
+    single = {(r["metric"], r["layer"]): r["value"] for r in measure(model, tok, [{"text": TEXT}], k=2)}
+    assert single == pytest.approx(rows, abs=1e-6)
 
 
 def test_tracker_writes_a_row_set_per_logging_step(tiny_model_dir, tmp_path):

@@ -28,7 +28,7 @@ import pandas as pd
 from transformers import TrainerCallback
 
 from ..errors import InputError
-from ..runs import read_json, write_json, write_jsonl
+from ..runs import atomic_write, read_json, write_json, write_jsonl
 from .config import BuPOConfig
 from .data import prompt_text, require_answers
 from .rewards import Reward
@@ -126,7 +126,7 @@ def _restore(out: Path, step: int, trainer: BuPOTrainer, tracker: EntropyTracker
         table = table[table["step"] <= step]
         trainer.validated_steps = {step} & set(table["step"])  # eval_on_start at the checkpoint: already done
         if trainer.accelerator.is_main_process:
-            table.to_csv(validation, index=False)
+            atomic_write(validation, lambda tmp: table.to_csv(tmp, index=False))
 
 
 def _defaults(config) -> dict:

@@ -51,12 +51,17 @@ def _kept(examples, seq_len: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def measure(model, tokenizer, records: list[dict], k: int, spec: ModelSpec | None = None,
+def measure(model, tokenizer, records: list[dict], k: int | Sequence[int], spec: ModelSpec | None = None,
             final_norm: bool = False) -> list[dict]:
-    """All tracked quantities of `model` on `records` at internal layer k → rows {metric, layer, value}."""
+    """All tracked quantities of `model` on `records` at internal layer(s) k → rows {metric, layer, value, k}.
+
+    `k` is -1 in the rows that do not depend on k. One forward and one decoding of every layer serve all
+    the ks; each k after the first decodes only its later layers once more, for KL(π^k ‖ π^l).
+    """
     spec = spec or describe(model)
-    if not 1 <= k <= spec.n_layers:
-        raise InputError(f"tracking layer {k} is out of range 1..{spec.n_layers} (paper numbering)")
+    ks = [k] if isinstance(k, int) else list(k)
+    if not ks or not all(1 <= x <= spec.n_layers for x in ks):
+        raise InputError(f"tracking layers {ks} must be in 1..{spec.n_layers} (paper numbering)")
     examples = tokenize_records(records, tokenizer, context_length(model), truncate=True)
     device = spec.unembed_weight.device
     ids, attention = pad_batch(examples, pad_token_id(tokenizer), device)
@@ -68,20 +73,27 @@ def measure(model, tokenizer, records: list[dict], k: int, spec: ModelSpec | Non
     hidden = extract(model, ids, attention, components=("layer",), spec=spec)
     model.train(was_training)
     H = {layer: hidden[(layer, "layer")][keep] for layer in range(spec.n_layers + 1)}
-    # one pass of internal_policy.stats: every layer's entropy and KL(π^k ‖ π^l) (π^k as the reference),
-    # then the actor's entropy and NLL (the perplexity) in another
+    # one pass of internal_policy.stats: every layer's entropy and KL(π^k ‖ π^l) for the first k (π^k as the
+    # reference), then the later layers' KL for each further k, then the actor's entropy and NLL (perplexity)
     raw = Decoder.from_spec(spec, final_norm=final_norm)
-    inner = decode(raw, H, [ENTROPY, KLOut()], reference=(raw, H[k]))
+    inner = decode(raw, H, [ENTROPY, KLOut()], reference=(raw, H[ks[0]]))
+    kl = {ks[0]: {layer: v["kl_out"] for layer, v in inner.items() if layer > ks[0]}}
+    for x in ks[1:]:
+        later = {layer: h for layer, h in H.items() if layer > x}
+        kl[x] = {layer: v["kl_out"] for layer, v in
+                 (decode(raw, later, [KLOut()], reference=(raw, H[x])) if later else {}).items()}
     targets = ids[:, 1:][keep[:, :-1]]
     actor = Decoder.output_of(spec).statistics(H[spec.n_layers], [ENTROPY, NLL()], targets=targets)
-    rows = [{"metric": "entropy", "layer": layer, "value": v["entropy"].mean().item()} for layer, v in inner.items()]
-    rows.append({"metric": "actor_entropy", "layer": spec.n_layers, "value": actor["entropy"].mean().item()})
-    rows.append({"metric": "delta_k", "layer": k,
-                 "value": (inner[k]["entropy"] - inner[k - 1]["entropy"]).mean().item()})
-    for layer in range(k + 1, spec.n_layers + 1):
-        rows.append({"metric": "cos_k", "layer": layer, "value": row_cosine(H[k], H[layer]).mean().item()})
-        rows.append({"metric": "kl_k", "layer": layer, "value": inner[layer]["kl_out"].mean().item()})
-    rows.append({"metric": "perplexity", "layer": spec.n_layers, "value": actor["nll"].mean().exp().item()})
+    rows = [{"metric": "entropy", "layer": layer, "value": v["entropy"].mean().item(), "k": -1}
+            for layer, v in inner.items()]
+    rows.append({"metric": "actor_entropy", "layer": spec.n_layers, "value": actor["entropy"].mean().item(), "k": -1})
+    for x in ks:
+        rows.append({"metric": "delta_k", "layer": x, "k": x,
+                     "value": (inner[x]["entropy"] - inner[x - 1]["entropy"]).mean().item()})
+        for layer, value in kl[x].items():
+            rows.append({"metric": "cos_k", "layer": layer, "k": x, "value": row_cosine(H[x], H[layer]).mean().item()})
+            rows.append({"metric": "kl_k", "layer": layer, "k": x, "value": value.mean().item()})
+    rows.append({"metric": "perplexity", "layer": spec.n_layers, "value": actor["nll"].mean().exp().item(), "k": -1})
     return rows
 
 
@@ -112,11 +124,8 @@ class EntropyTracker(TrainerCallback):
             return
         self._measured.add(step)
         policy = "init" if step == 0 else self.policy_at(step - 1)
-        for k in self.ks:
-            for row in measure(model, self.tokenizer, self.probe, k, final_norm=self.final_norm):
-                if row["metric"] in K_METRICS or k == self.ks[0]:
-                    self.rows.append({"step": step, **row, "k": k if row["metric"] in K_METRICS else -1,
-                                      "policy": policy})
+        self.rows += [{"step": step, **row, "policy": policy}
+                      for row in measure(model, self.tokenizer, self.probe, self.ks, final_norm=self.final_norm)]
 
     def scalars(self, step: int) -> dict[str, float]:
         """The measurement at `step` as flat scalars for the trainer's log (means over l for cos_k and kl_k)."""

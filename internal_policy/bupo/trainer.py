@@ -14,7 +14,7 @@ come from the same policy.
 
 How the forward stops after block k: `add_internal_head` gives the policy's `forward` an
 `internal_layer` keyword, with which it runs the backbone truncated to blocks 1..k
-(`capture.truncated`: the block list and the final norm are swapped for the call, no exception) and
+(`capture.forward_until`: the block list and the final norm are swapped for the call, no exception) and
 returns π^k's log-probs from inside the forward, as TRL's fused head does for π_θ. A DDP wrapper thus
 sees an ordinary forward and prepares its reducer from the outputs; `ddp_find_unused_parameters=True`
 (set by `BuPOConfig`) marks blocks above k unused, parameters no rank used keep `grad=None` and AdamW
@@ -43,7 +43,7 @@ from torch.distributed.tensor import DTensor
 from trl import GRPOTrainer
 from trl.kernels import ChunkedLogProbFunction
 
-from ..capture import backbone, truncated
+from ..capture import forward_until
 from ..errors import InputError
 from ..models import ModelSpec, describe
 from ..runs import atomic_write
@@ -101,7 +101,7 @@ def append_csv(path: Path, table: pd.DataFrame) -> None:
 def add_internal_head(model, temperature: float, final_norm: bool = False) -> None:
     """Give `model.forward` an `internal_layer=k` keyword that returns π^k's (log-probs, entropy) of the next tokens.
 
-    With it, the forward runs blocks 1..k only (`capture.truncated`) and reads H_k out through
+    With it, the forward runs blocks 1..k only (`capture.forward_until`) and reads H_k out through
     `internal_logps`, inside the forward, so wrappers (DDP, FSDP, DeepSpeed) see the unembedding used
     and the whole call as one forward. `internal_keep` scores the last that many positions (TRL's
     completion tokens; default all), `internal_entropy` adds the entropy. Without `internal_layer` the
@@ -113,10 +113,11 @@ def add_internal_head(model, temperature: float, final_norm: bool = False) -> No
     def internal_forward(self, *args, internal_layer=None, internal_keep=0, internal_entropy=False, **kwargs):
         if internal_layer is None:
             return forward(*args, **kwargs)
-        ids = kwargs["input_ids"]
+        if args:
+            raise TypeError("a forward with internal_layer takes keyword inputs (input_ids=..., attention_mask=...)")
+        ids, spec = kwargs["input_ids"], describe(self)
         keep = internal_keep or ids.shape[1] - 1
-        with truncated(self, internal_layer) as spec:
-            hidden = backbone(self)(*args, **kwargs, use_cache=False)[0]
+        hidden = forward_until(self, internal_layer, spec, **kwargs)
         return internal_logps(hidden[:, -keep - 1:-1], ids[:, -keep:], spec, temperature, final_norm, internal_entropy)
 
     model.forward = MethodType(internal_forward, model)

@@ -8,6 +8,9 @@ from ..bupo.rewards import SCORERS
 from ..inputs import BENCHMARKS
 from .options import add_model_options
 
+OUTPUTS = ("scores.parquet", "table.csv", "pass_at_k.png", "pass_at_k.pdf")
+"""What `evaluate` writes into --out; a folder already holding any of them is refused (nothing is overwritten)."""
+
 
 def _positive(text: str) -> int:
     value = int(text)
@@ -47,6 +50,7 @@ def run(args: argparse.Namespace) -> int:
     from ..bupo.data import load_prompts, require_answers
     from ..bupo.evaluate import evaluate, pass_at_k_curve, summarize
     from ..bupo.plots import pass_at_k_figure
+    from ..errors import InputError
     from ..models import load_model, resolve_device
     from ..plot import save_figure
     from ..runs import writable_dir
@@ -55,14 +59,15 @@ def run(args: argparse.Namespace) -> int:
     sets = {Path(str(d)).stem: load_prompts(d) for d in args.data}
     for name, frame in sets.items():
         require_answers(frame, name)  # before loading the model
-    writable_dir(args.out)  # fail now, not after sampling
+    out = writable_dir(args.out)  # fail now, not after sampling
+    held = [name for name in OUTPUTS if (out / name).exists()]
+    if held:
+        raise InputError(f"--out {out} already holds {', '.join(held)}; give a new folder (nothing is overwritten)")
     device = resolve_device(args.device)
     model, tokenizer = load_model(args.model, dtype=auto_dtype(args.dtype, device), device=device)
     scores = evaluate(model, tokenizer, sets, args.samples, limit=args.limit, scorer=args.scorer,
                       max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                       batch_size=args.batch_size, seed=args.seed)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     scores.to_parquet(out / "scores.parquet", index=False)
     table = summarize(scores)
     table.to_csv(out / "table.csv", index=False)
