@@ -218,12 +218,13 @@ def score_responses(responses: Sequence[Mapping], records: Sequence[Mapping],
     check = SCORERS[scorer]
     extra = {}
     for index, record in enumerate(records):
-        gold = gold_answer(record)
-        extra[record_id(record, index)] = {**record_fields(record), **({"answer": gold} if gold is not None else {})}
+        fields = {k: v for k, v in record_fields(record).items() if k not in ("answer", "correct")}
+        gold = gold_answer(record)  # a blank `answer` field is no answer: it is not copied either
+        extra[record_id(record, index)] = fields if gold is None else {**fields, "answer": gold}
     scored = []
     for response in responses:
         fields = extra[response["prompt_id"]]
-        out = {**response, **{k: v for k, v in fields.items() if k not in response and k != "correct"}}
+        out = {**response, **{k: v for k, v in fields.items() if k not in response}}
         if "answer" in fields:
             out["correct"] = int(check(response["response"], fields["answer"]))
         scored.append(out)

@@ -26,7 +26,7 @@ import pandas as pd
 
 from . import __version__
 from .errors import InputError
-from .runs import TOKENS, atomic_write, load_run
+from .runs import TOKENS, atomic_write, read_meta
 from .stages import Stages, describe
 from .stats import by_name
 
@@ -51,7 +51,9 @@ CAPTIONS = {
     "heatmap": "The statistic per token and layer of the first record shown below.",
     "lens": "Logit lens: the top-1 decoded token per layer and position.",
     "compare": "The runs compared, against absolute layer (left) and normalised depth (right).",
+    "heads": "The statistic of each attention head's write per layer (mean over tokens), EIC stages above.",
 }
+"""One caption per figure kind of `plot.KINDS` (a figure "heatmap-2" takes the caption of "heatmap")."""
 VIEW_COLUMNS = ("record_id", "position", "token", "layer")
 
 
@@ -142,10 +144,11 @@ def token_view(tokens_path: Path, meta: dict, stat: str, records: int, max_posit
         decode = _decoder(meta)
         if decode is None:
             note = f"top tokens shown as ids: the tokenizer of {meta.get('model')!r} could not be loaded"
-    ids = list(dict.fromkeys(table["record_id"].astype(str)))
+    record_ids = table["record_id"].astype(str)
+    ids = list(dict.fromkeys(record_ids))
     out = []
     for record_id in ids[:records]:
-        rows = table.loc[table["record_id"].astype(str) == record_id]
+        rows = table.loc[record_ids == record_id]
         positions = sorted(rows["position"].unique())
         shown = positions[:max_positions]
         rows = rows.loc[rows["position"].isin(shown)].set_index(["layer", "position"]).sort_index()
@@ -250,8 +253,8 @@ def write_report(
     for d in dirs:
         if not d.is_dir():
             raise InputError(f"run folder {d} does not exist; give a folder written by `internal-policy profile`")
-    metas = [load_run(d).meta for d in dirs]  # refuses a running or damaged run before anything is drawn
-    runs = unique_labels([Run.from_dir(d) for d in dirs], dirs)
+    runs = unique_labels([Run.from_dir(d) for d in dirs], dirs)  # refuses a running or damaged run before drawing
+    metas = [read_meta(d, "profile") for d in dirs]  # checked by Run.from_dir: only run.json is read again
     by_name(stat)  # an unknown statistic name is an InputError
     for d, run in zip(dirs, runs):
         if stat not in run.summary.columns:

@@ -11,6 +11,7 @@ import pytest
 from helpers import assert_records_match_tokens
 
 from internal_policy import load_run, predict, profile
+from internal_policy.bupo.data import gold_answer
 from internal_policy.bupo.official_math import official_check
 from internal_policy.bupo.rewards import check_answer
 from internal_policy.cli import main
@@ -80,6 +81,18 @@ def test_correct_is_the_checker_applied_by_hand(scored):
     ] == [1, 0, 1, 0, 0, 1]
     with pytest.raises(InputError, match="unknown scorer"):
         generate(None, None, PROMPTS, scorer="exact")
+
+
+def test_gold_answer_takes_the_first_given_field_and_zero_counts():
+    """0 is an answer; a blank field is none (the next one is read, else the response gets no `correct`)."""
+    records = [{"id": "zero", "final_answer": 0}, {"id": "blank", "answer": "  ", "solution": "thus \\boxed{3}"},
+               {"id": "empty", "answer": ""}, {"id": "empty-box", "solution": "\\boxed{}"},
+               {"id": "truth", "answer": None, "reward_model": {"ground_truth": 2}, "final_answer": 9}]
+    assert [gold_answer(r) for r in records] == ["0", "3", None, None, "2"]
+    responses = [{"id": f"{r['id']}/0", "prompt_id": r["id"], "response": "\\boxed{0}"} for r in records]
+    scored = score_responses(responses, records, "official")
+    assert [(r.get("answer"), r.get("correct")) for r in scored] == [("0", 1), ("3", 0), (None, None), (None, None),
+                                                                      ("2", 0)]
 
 
 def test_real_generation_on_stories_scores_every_response(stories, tmp_path):

@@ -25,7 +25,7 @@ import pandas as pd
 import pytest
 from helpers import synthetic_tokens, write_run
 
-from internal_policy import write_report
+from internal_policy import profile, write_report
 from internal_policy.cli import main
 from internal_policy.errors import InputError
 from internal_policy.report import GENERATOR, token_view
@@ -157,6 +157,18 @@ def test_runs_without_tokens_are_compared_and_overwrite_only_a_report(tmp_path, 
     assert re.findall(r'<figure data-kind="(\w+)"', page) == ["flow", "delta", "cosine"] * 2 + ["flow", "compare"]
     assert 'id="comparison"' in page and "tiny (a)" in page and "tiny (b)" in page
     assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_a_run_with_head_rows_gets_the_heads_figure(tmp_path, stories):
+    """A real profile with `attn_head` rows: every figure `plot.figures` draws for it is on the page, captioned."""
+    model, tokenizer = stories
+    records = [{"id": "a", "text": "Once upon a time there was a cat."}]
+    run = profile(model, tokenizer, records, components=("layer", "attn", "ffn", "attn_head"), keep_tokens=False,
+                  out_dir=tmp_path / "run", progress=False)
+    page = write_report([run.out_dir], tmp_path / "heads.html").read_text(encoding="utf-8")
+    shown = re.findall(r'<figure data-kind="(\w+)"><img [^>]*><figcaption>([^<]+)</figcaption>', page)
+    assert [k for k, _ in shown] == ["flow", "delta", "cosine", "heads"]
+    assert "attention head" in shown[-1][1]
 
 
 def test_bad_input_is_a_one_line_error_and_nothing_is_overwritten(tmp_path, tokens, capsys):

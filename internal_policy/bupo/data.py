@@ -23,16 +23,16 @@ __all__ = ["BENCHMARKS", "gold_answer", "load_prompts", "prompt_text", "require_
 
 
 def gold_answer(record: Mapping) -> str | None:
-    """A record's gold final answer: `answer`, `reward_model.ground_truth` (the shipped sets), `final_answer`, or
-    the last `\\boxed{}` of a worked `solution` (MATH); None when it has none (never a silent empty answer)."""
-    if record.get("answer") is not None:
-        return str(record["answer"])
+    """A record's gold final answer: the first non-blank of `answer`, `reward_model.ground_truth` (the shipped
+    sets), `final_answer` and the last `\\boxed{}` of a worked `solution` (MATH); None when it has none (never a
+    silent empty answer; 0 is an answer)."""
     truth = record["reward_model"].get("ground_truth") if isinstance(record.get("reward_model"), Mapping) else None
-    if truth is not None:
-        return str(truth)
-    if record.get("final_answer"):
-        return str(record["final_answer"])
-    return last_boxed(str(record["solution"])) if record.get("solution") is not None else None
+    solution = record.get("solution")
+    for value in (record.get("answer"), truth, record.get("final_answer"),
+                  last_boxed(str(solution)) if solution is not None else None):
+        if value is not None and str(value).strip():
+            return str(value)
+    return None
 
 
 def load_prompts(source: str | Path) -> pd.DataFrame:
