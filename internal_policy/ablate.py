@@ -68,8 +68,8 @@ COLUMNS = ("layer", "component", "head", "delta_nll", "delta_nll_se", "delta_ent
            "n_tokens", "n_next_tokens")
 _STATS = resolve(["entropy", "nll"])
 AUTO_TOKENS = 4096
-"""Token positions per forward that the default `copies` aims at (batch × copies × padded length): on 2 CPU
-cores more copies of a batch per forward were faster up to about this size and slower beyond it."""
+"""Token positions per forward that the default `copies` aims at (batch × copies × padded length); picked by hand
+on a loaded 2-core CPU, not a measured optimum (`bench/ablate_copies.py --copies K` compares sizes)."""
 
 
 @dataclass(frozen=True)
