@@ -55,6 +55,7 @@ from .data import Example, batched, pad_batch, tokenize_records
 from .entropy import Decoder
 from .errors import InputError, UnsupportedModelError
 from .models import ModelSpec, context_length, describe, pad_token_id
+from .profile import _next_tokens
 from .runs import RunDir, read_json
 from .settings import FINGERPRINT, describe_change, records_digest, text_digest, weights_digest
 from .stats import decode, resolve
@@ -68,8 +69,8 @@ COLUMNS = ("layer", "component", "head", "delta_nll", "delta_nll_se", "delta_ent
            "n_tokens", "n_next_tokens")
 _STATS = resolve(["entropy", "nll"])
 AUTO_TOKENS = 4096
-"""Token positions per forward that the default `copies` aims at (batch × copies × padded length): on 2 CPU
-cores more copies of a batch per forward were faster up to about this size and slower beyond it."""
+"""Token positions per forward that the default `copies` aims at (batch × copies × padded length); picked by hand
+on a loaded 2-core CPU, not a measured optimum (`bench/ablate_copies.py --copies K` compares sizes)."""
 
 
 @dataclass(frozen=True)
@@ -264,12 +265,10 @@ def _measure(model, spec, where, batch, group, means, pad_id) -> torch.Tensor:
             return x
         return edit
 
-    kept = _kept_mask(batch, width)
-    flat = torch.nonzero(kept.reshape(-1))[:, 0]
+    positions = [np.arange(e.start, e.stop) for e in batch]
+    flat = torch.from_numpy(np.concatenate([row * width + p for row, p in enumerate(positions)]))
+    targets = torch.from_numpy(np.concatenate([_next_tokens(e, p) for e, p in zip(batch, positions)]))
     n = len(flat)
-    padded = torch.nn.functional.pad(ids.cpu(), (0, 1), value=-1)
-    after = torch.tensor([len(e.input_ids) for e in batch])[:, None] > torch.arange(1, width + 1)  # next token exists
-    targets = torch.where(after, padded[:, 1:], -1).reshape(-1)[flat]
     held: list[torch.Tensor] = []
     last = spec.layers[-1]
     index = (torch.arange(len(group))[:, None] * rows * width + flat).reshape(-1)

@@ -30,7 +30,7 @@ from matplotlib.lines import Line2D
 from matplotlib.ticker import MaxNLocator
 
 from .errors import InputError
-from .runs import load_run
+from .runs import ProfileResult, load_run
 from .stages import Stages, run_stages
 from .stats import by_name
 
@@ -63,6 +63,11 @@ def decoding(final_norm: bool | None) -> str:
     return "final norm: logit lens" if final_norm else "raw decoding"
 
 
+def _model_label(meta: Mapping, run_dir: str | Path) -> str:
+    """A run's label in figures: the last part of its model name, else the run folder's name."""
+    return Path(str(meta.get("model") or Path(run_dir).name)).name
+
+
 @dataclass(frozen=True)
 class Run:
     """One profile run as the figures see it: its summary table plus what labels and marks need."""
@@ -82,13 +87,14 @@ class Run:
         return int(self.summary["layer"].max())
 
     @classmethod
-    def from_dir(cls, run_dir: str | Path) -> Run:
-        """A run folder as the figures see it (stages.json used if it matches, never written; tokens read lazily)."""
-        result = load_run(run_dir)
+    def from_dir(cls, run_dir: str | Path, result: ProfileResult | None = None) -> Run:
+        """A run folder as the figures see it (stages.json used if it matches, never written; tokens read lazily);
+        `result`: the folder's `load_run`, where the caller has read it already."""
+        result = result if result is not None else load_run(run_dir)
         has_ffn = bool((result.summary["component"] == "ffn").any())
         return cls(
             summary=result.summary,
-            label=Path(str(result.meta.get("model") or Path(run_dir).name)).name,
+            label=_model_label(result.meta, run_dir),
             vocab_size=result.meta.get("vocab_size"),
             stages=run_stages(run_dir) if has_ffn else None,
             tokens_path=result.tokens_path,
@@ -641,14 +647,14 @@ def plot_ablation(run_dir: str | Path, profile_dir: str | Path | None = None,
     meta = table.attrs["meta"]
     profile = None
     if profile_dir is not None:
-        profile = Run.from_dir(profile_dir)
-        theirs = load_run(profile_dir).meta
+        theirs = load_run(profile_dir)
         differ = [what for what, key in (("records", "records_sha256"), ("weights", "weights_sha256"))
-                  if theirs.get(key) != meta.get(key)]
+                  if theirs.meta.get(key) != meta.get(key)]
         if differ:
             raise InputError(f"--profile {profile_dir} is not a profile of the same records and model as {run_dir} "
                              f"({' and '.join(differ)} differ); profile the same --input with the same --model")
-    label = Path(str(meta.get("model") or Path(run_dir).name)).name
+        profile = Run.from_dir(profile_dir, theirs)
+    label = _model_label(meta, run_dir)
     fig = ablation_figure(table, profile, label)
     return save_figure(fig, Path(out_dir) if out_dir is not None else Path(run_dir) / "figures", "ablation")
 

@@ -305,12 +305,33 @@ def test_cli_errors_are_one_line(tmp_path, capsys, args, message):
 
 
 def test_ablation_figure_plots_the_table(stories):
-    from internal_policy.plot import ablation_figure
+    from matplotlib.container import ErrorbarContainer
+
+    from internal_policy.plot import Run, ablation_figure
+    from internal_policy.profile import profile
+    from internal_policy.stages import segment
 
     model, tok = stories
     table = ablate(model, tok, TEXTS[:2], progress=False)
-    fig = ablation_figure(table)
-    ax = fig.axes[0]
-    bars = {p.get_gid(): p.get_height() for p in ax.patches if p.get_gid()}
-    for row in table.itertuples():
-        assert bars[f"{row.component}:{row.layer}"] == pytest.approx(row.delta_nll)
+    summary = profile(model, tok, TEXTS[:2], components=("attn", "ffn"), progress=False).summary
+    stages = segment(summary.loc[summary["component"] == "ffn"].sort_values("layer")["delta"].to_numpy())
+    fig = ablation_figure(table, Run(summary, label="m", stages=stages), label="m")
+    for ax, prefix, column in ((fig.axes[0], "", "delta_nll"), (fig.axes[1], "entropy:", "delta_entropy")):
+        bars = {p.get_gid(): p for p in ax.patches if p.get_gid()}
+        # each bar's error bar: the vertical segment through its centre, from value - se to value + se
+        spans = {round(seg[0][0], 6): sorted([seg[0][1], seg[1][1]]) for c in ax.containers
+                 if isinstance(c, ErrorbarContainer) for seg in c.lines[2][0].get_segments()}
+        for row in table.itertuples():
+            bar = bars[f"{prefix}{row.component}:{row.layer}"]
+            centre = bar.get_x() + bar.get_width() / 2
+            value, se = getattr(row, column), getattr(row, f"{column}_se")
+            assert bar.get_height() == pytest.approx(value)
+            assert centre == pytest.approx(row.layer + (-0.19 if row.component == "attn" else 0.19))  # attn left
+            np.testing.assert_allclose(spans[round(centre, 6)], [value - se, value + se], rtol=1e-6)
+        assert any(line.get_gid() == "boundary:m" and line.get_xdata()[0] == stages.boundary_layer
+                   for line in ax.lines) == (stages.boundary_layer is not None)
+    lines = {line.get_gid(): line for line in fig.axes[2].lines}
+    for comp in ("attn", "ffn"):
+        rows = summary.loc[summary["component"] == comp].sort_values("layer")
+        np.testing.assert_allclose(lines[f"profile:{comp}"].get_xdata(), rows["layer"])
+        np.testing.assert_allclose(lines[f"profile:{comp}"].get_ydata(), rows["delta"], rtol=1e-6)

@@ -264,6 +264,9 @@ def test_heads_figure_draws_the_layer_by_head_grid(stat):
     first, last = stages.spans()["exploration"]
     span = spans["stage:exploration"]
     np.testing.assert_allclose([span.get_x(), span.get_x() + span.get_width()], [first - 0.5, last + 0.5])
+    assert stages.boundary_layer == 2
+    assert [line.get_xdata()[0] for line in heat.lines if line.get_gid() == "boundary:m"] == [2]
+    assert "boundary layer 2" in strip.get_title()
     with pytest.raises(InputError, match="attn_head"):
         heads_figure(summary.loc[summary["component"] == "ffn"])
 
