@@ -53,11 +53,10 @@ from . import __version__
 from .capture import _first
 from .data import Example, batched, pad_batch, tokenize_records
 from .entropy import Decoder
-from .errors import InputError, UnsupportedModelError
+from .errors import InputError
 from .models import ModelSpec, context_length, describe, pad_token_id
-from .profile import _next_tokens
 from .runs import RunDir, read_json
-from .settings import FINGERPRINT, describe_change, records_digest, text_digest, weights_digest
+from .settings import FINGERPRINT, describe_change, fingerprints
 from .stats import decode, resolve
 
 COMPONENTS = ("attn", "ffn", "attn_head")
@@ -147,19 +146,14 @@ def units(spec: ModelSpec, settings: AblationSettings) -> list[Unit]:
     if outside or not layers:
         raise InputError(f"--layers {outside or '(none)'} out of range: this model has layers 1..{n} (paper numbering; "
                          "the embedding, layer 0, writes no module)")
+    heads = spec.head_projections() if "attn_head" in settings.components else []
     found = []
     for layer in layers:
         for component in settings.components:
             if component != "attn_head":
                 found.append(Unit(layer, component))
                 continue
-            projection = spec.head_projection(layer - 1)
-            if projection.norm_after is not None:
-                raise UnsupportedModelError(
-                    f"attn_head ablation is not defined for {spec.model_type}: its norm {projection.norm_after!r} sits "
-                    "between the attention output projection and the residual stream, so a head's write is not a term "
-                    "of A_l; ablate component attn instead")
-            found += [Unit(layer, component, h) for h in range(projection.n_heads)]
+            found += [Unit(layer, component, h) for h in range(heads[layer - 1].n_heads)]
     return found
 
 
@@ -267,7 +261,7 @@ def _measure(model, spec, where, batch, group, means, pad_id) -> torch.Tensor:
 
     positions = [np.arange(e.start, e.stop) for e in batch]
     flat = torch.from_numpy(np.concatenate([row * width + p for row, p in enumerate(positions)]))
-    targets = torch.from_numpy(np.concatenate([_next_tokens(e, p) for e, p in zip(batch, positions)]))
+    targets = torch.from_numpy(np.concatenate([e.next_tokens(p) for e, p in zip(batch, positions)]))
     n = len(flat)
     held: list[torch.Tensor] = []
     last = spec.layers[-1]
@@ -390,10 +384,7 @@ def ablate(
     examples = tokenize_records(records, tokenizer, context_length(model), settings.truncate, settings.chat,
                                 vocab_size=model.get_input_embeddings().weight.shape[0])
     layers = sorted({u.layer for u in chosen})
-    fingerprint = {"dtype": str(spec.unembed_weight.dtype).removeprefix("torch."),
-                   "records_sha256": records_digest(examples),
-                   "chat_template_sha256": text_digest(getattr(tokenizer, "chat_template", None)),
-                   "weights_sha256": weights_digest(model) if out_dir is not None else None}
+    fingerprint = fingerprints(model, spec, examples, tokenizer, weights=out_dir is not None)
     key = {**settings.resume_key(), "layers": layers, **fingerprint}
     meta = {"model": model_name or getattr(model.config, "_name_or_path", type(model).__name__),
             "model_type": spec.model_type, "n_layers": spec.n_layers, "n_heads": spec.n_heads,

@@ -19,7 +19,7 @@ projection (`BlockLayout.attn_out`) emits its input z = the heads' outputs conca
 (kept) rows of z into each head's write z_h W_O[h] [..., n_heads, d_model], so a consumer that keeps
 few positions never builds the full [batch, seq, n_heads, d_model] tensor. Head writes exclude the
 projection's bias: Σ_h writes + bias = A_l. Models with a norm between the projection and the stream
-(Gemma2/3, OLMo2/3) are refused (`head_projections`).
+(Gemma2/3, OLMo2/3) are refused (`ModelSpec.head_projections`).
 
 Emission is streaming (a callback per tensor) so a consumer can decode and drop each tensor at
 once: peak memory then does not grow with the number of layers.
@@ -33,8 +33,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from .errors import InputError
-from .models import BlockLayout, HeadProjection, ModelSpec, describe
+from .models import BlockLayout, ModelSpec, describe
 
 COMPONENTS: tuple[str, ...] = ("layer", "attn_in", "attn", "resid_mid", "ffn_in", "ffn")
 """The default components (see the module docstring); `layer` at layer 0 is the embedding output."""
@@ -77,16 +76,6 @@ def alias_of(layout: BlockLayout, layer: int, component: str) -> Site | None:
     return None
 
 
-def head_projections(spec: ModelSpec) -> list[HeadProjection]:
-    """Every block's `HeadProjection` (0-based block index), or an InputError where head writes do not sum to A_l."""
-    projections = [spec.head_projection(i) for i in range(spec.n_layers)]
-    if projections and projections[0].norm_after is not None:
-        raise InputError(f"{spec.model_type}: attention heads cannot be profiled separately, because the norm "
-                         f"{projections[0].norm_after!r} sits between the output projection and the residual stream "
-                         "(A_l = norm(Σ_h head writes) is not a sum of heads); drop attn_head from --components")
-    return projections
-
-
 def _first(out):
     return out[0] if isinstance(out, (tuple, list)) else out
 
@@ -99,7 +88,7 @@ def capture(model: nn.Module, on_tensor: OnTensor, spec: ModelSpec | None = None
     With `heads`, also (layer, "attn_head", z) with z the output projection's input (see module docstring)."""
     spec = spec or describe(model)
     if heads:
-        head_projections(spec)
+        spec.head_projections()
     layout = spec.layout
     block_input: dict[int, torch.Tensor] = {}
     handles = []
@@ -180,7 +169,7 @@ def extract(
     """
     found: dict[Site, torch.Tensor] = {}
     spec = spec or describe(model)
-    projections = head_projections(spec) if HEAD in components else []
+    projections = spec.head_projections() if HEAD in components else []
 
     def keep(layer, component, x, alias):
         if component == HEAD:

@@ -22,6 +22,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from .errors import InputError
@@ -39,6 +40,11 @@ class Example:
     start: int
     stop: int
     truncated: int = 0  # tokens cut from the end to fit the model's context
+
+    def next_tokens(self, positions: np.ndarray) -> np.ndarray:
+        """The token after each of `positions`, −1 where the record ends there (the targets of nll and rank)."""
+        ids = np.asarray(self.input_ids + (-1,), dtype=np.int64)
+        return ids[positions + 1]
 
 
 def _messages(value, where: str) -> list[dict]:

@@ -11,7 +11,7 @@ tokens, layers or the vocabulary size.
 Why not TRL's `trl.kernels.ChunkedLogProbFunction`, which also returns per-row entropy of any
 hidden/weight/bias on CPU and GPU: its logits tiles are in the inputs' dtype, so on bf16 inputs
 its entropies are off by up to 7e-2 nats against a float64 reference (this module: 3e-6; faster
-on CPU only because the matmul is bf16), and on fp32 copies it is exact but 1.1x slower; it also
+on CPU only because the matmul is bf16), and on fp32 copies it is exact but 1.05x slower; it also
 lacks the other statistics, stacked sites and linear sums (bench/trl_entropy.py; figures in
 bench/RESULTS.md).
 """

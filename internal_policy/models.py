@@ -139,6 +139,17 @@ class ModelSpec:
         norm_after = None if self.layout.attn == self.layout.attn_out.split(".")[0] else self.layout.attn
         return HeadProjection(module, n_heads, head_dim, per_head, getattr(module, "bias", None), norm_after)
 
+    def head_projections(self) -> list[HeadProjection]:
+        """Every block's `HeadProjection` (0-based block index); an `UnsupportedModelError` where a norm sits between
+        the projection and the stream, so that head writes do not sum to A_l (profiling and ablation both ask here)."""
+        projections = [self.head_projection(i) for i in range(self.n_layers)]
+        if projections and projections[0].norm_after is not None:
+            raise UnsupportedModelError(
+                f"{self.model_type}: attention heads cannot be taken apart, because the norm "
+                f"{projections[0].norm_after!r} sits between the output projection and the residual stream "
+                "(A_l = norm(Σ_h head writes) is not a sum of heads); drop attn_head from --components and use attn")
+        return projections
+
     def block_part(self, index: int, name: str) -> nn.Module:
         """Submodule `name` (a dotted path) of 0-based block `index` (paper layer index + 1)."""
         module: nn.Module = self.layers[index]

@@ -543,13 +543,16 @@ def figures(runs: Sequence[Run], kinds: Sequence[str] = ("all",), record_id: str
              "delta": lambda: delta_figure(curves), "cosine": lambda: cosine_figure(runs),
              "compare": lambda: compare_figure(runs, stat=stat)}
     per_run = {"heatmap": heatmap_figure, "lens": lens_figure}
+    tables: dict[int, pd.DataFrame] = {}  # each run's tokens.parquet, read once for the heatmap and the lens
     for kind in (k for k in KINDS if k in kinds or k in auto):
         if kind in whole:
             yield kind, whole[kind]()
             continue
         for i, run in enumerate(runs):
+            if kind != "heads" and i not in tables:
+                tables[i] = run.tokens()
             fig = (heads_figure(run, stat=stat) if kind == "heads" else
-                   per_run[kind](run.tokens(), record_id, vocab_size=run.vocab_size, label=run.label, stat=stat))
+                   per_run[kind](tables[i], record_id, vocab_size=run.vocab_size, label=run.label, stat=stat))
             yield (kind if len(runs) == 1 else f"{kind}-{i + 1}"), fig
 
 

@@ -61,7 +61,7 @@ from .entropy import Decoder
 from .errors import InputError
 from .models import ModelSpec, context_length, describe, pad_token_id
 from .runs import HEAD_COLUMN, RECORDS, SUMMARY, TOKENS, ProfileResult, RunDir, head_ints, load_run, read_shard
-from .settings import ProfileSettings, describe_change, records_digest, resume_key, text_digest, weights_digest
+from .settings import ProfileSettings, describe_change, fingerprints, resume_key
 from .sites import ORDER, RowHolder, SitePlan, delta_input
 from .stats import decode
 
@@ -104,17 +104,11 @@ def _decode_forward(model, spec, plan, decoders, group, pad_id, stats, held):
     # logits_to_keep=1: no [B, T, V] output logits
     with torch.no_grad(), capture(model, holder, spec, heads=bool(plan.heads)):
         model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, logits_to_keep=1)
-    targets = torch.from_numpy(np.concatenate([_next_tokens(e, p) for e, p in group]))
+    targets = torch.from_numpy(np.concatenate([e.next_tokens(p) for e, p in group]))
     reference = (decoders[1], holder.rows[plan.output]) if plan.output in held else None
     values = decode(decoders[0], {s: holder.rows[s] for s in plan.direct}, stats, targets=targets,
                     reference=reference, sums=plan.sums)
     return {s: {c: v.cpu() for c, v in cols.items()} for s, cols in values.items()}, holder.cos
-
-
-def _next_tokens(example: Example, positions: np.ndarray) -> np.ndarray:
-    """The token after each kept position, −1 where the record ends there."""
-    ids = np.asarray(example.input_ids + (-1,), dtype=np.int64)
-    return ids[positions + 1]
 
 
 def _record_sums(owner: np.ndarray, site: Site, columns: dict[str, torch.Tensor], head: dict) -> pd.DataFrame:
@@ -336,10 +330,7 @@ def profile(
                                 vocab_size=model.get_input_embeddings().weight.shape[0])
     fields = _fields(records, examples, settings.group_by)
     rank, world = rank_world()
-    fingerprint = {"dtype": str(spec.unembed_weight.dtype).removeprefix("torch."),
-                   "records_sha256": records_digest(examples),
-                   "chat_template_sha256": text_digest(getattr(tokenizer, "chat_template", None)),
-                   "weights_sha256": weights_digest(model) if out_dir is not None else None}
+    fingerprint = fingerprints(model, spec, examples, tokenizer, weights=out_dir is not None)
     meta = {
         "model": model_name or getattr(model.config, "_name_or_path", type(model).__name__),
         "model_type": spec.model_type, "n_layers": spec.n_layers, "vocab_size": spec.vocab_size,

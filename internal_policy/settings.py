@@ -34,7 +34,8 @@ from .errors import InputError
 from .stats import NAMES, TOPK_MAX, Statistic, parse_alpha, resolve
 
 
-def _csv(text: str) -> tuple[str, ...]:
+def csv_list(text: str) -> tuple[str, ...]:
+    """A comma-separated CLI list, items stripped; empty items are an InputError."""
     items = tuple(part.strip() for part in text.split(","))
     if not text.strip() or not all(items):
         raise InputError(f"expected a non-empty comma-separated list, got {text!r}")
@@ -48,7 +49,7 @@ def _name(text: str) -> str:
 
 
 def _alphas(text: str) -> tuple[float, ...]:
-    return tuple(parse_alpha(a) for a in _csv(text))
+    return tuple(parse_alpha(a) for a in csv_list(text))
 
 
 def _option(default, help: str, *, parse=None, flag: str | None = None, key: bool = True, cli: bool = True):
@@ -65,9 +66,9 @@ class ProfileSettings:
 
     components: tuple[str, ...] = _option(COMPONENTS, f"comma-separated subset of {','.join(ALL_COMPONENTS)}; "
                                           f"{HEAD} (one row per attention head, opt-in: its cost grows with the "
-                                          "number of heads) is not in the default", parse=_csv)
+                                          "number of heads) is not in the default", parse=csv_list)
     stats: tuple[str, ...] = _option(("entropy",), f"statistics to compute, comma-separated: {', '.join(NAMES)} "
-                                     "or all (every scalar one); entropy is always computed", parse=_csv)
+                                     "or all (every scalar one); entropy is always computed", parse=csv_list)
     renyi_alpha: tuple[float, ...] = _option((), "Rényi orders to add as renyi<α> columns, e.g. 0.5,2,inf",
                                              parse=_alphas)
     topk: int = _option(0, f"store the K most likely tokens and probabilities per site and token (K <= {TOPK_MAX}; "
@@ -204,6 +205,14 @@ def weights_digest(model) -> str:
                     yield from iter(lambda: handle.read(1 << 24), b"")
 
     return _sha256(chunks())
+
+
+def fingerprints(model, spec, examples, tokenizer, weights: bool = True) -> dict:
+    """The `FINGERPRINT` values of a run: dtype, records, chat template and (with `weights`) the weights' digest."""
+    return {"dtype": str(spec.unembed_weight.dtype).removeprefix("torch."),
+            "records_sha256": records_digest(examples),
+            "chat_template_sha256": text_digest(getattr(tokenizer, "chat_template", None)),
+            "weights_sha256": weights_digest(model) if weights else None}
 
 
 FINGERPRINT = {"records_sha256": "the records' content (their token ids and kept spans)",

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .capture import HEAD, Site, alias_of, head_projections
+from .capture import HEAD, Site, alias_of
 from .entropy import row_cosine
 from .models import HeadProjection, ModelSpec
 
@@ -67,9 +67,9 @@ class SitePlan:
     def build(cls, spec: ModelSpec, components: tuple[str, ...], linear: bool) -> SitePlan:
         """Plan for `components`; `linear` allows sums (the caller passes it only for raw fp32 decoding).
 
-        `attn_head` raises an InputError for a model whose attention write is not a sum of heads."""
+        `attn_head` raises an UnsupportedModelError for a model whose attention write is not a sum of heads."""
         n = spec.n_layers
-        heads = tuple(head_projections(spec)) if HEAD in components else ()
+        heads = tuple(spec.head_projections()) if HEAD in components else ()
         sites: list[Site | HeadSite] = [(0, "layer")] if "layer" in components else []
         for layer in range(1, n + 1):
             for c in (c for c in ORDER if c in components):

@@ -213,7 +213,7 @@ def test_heads_resume_and_resume_key(stories, tmp_path, monkeypatch):
 @pytest.mark.parametrize("arch", ["gemma2", "olmo2"])
 def test_post_norm_architectures_are_refused(arch, tiny):
     model, tok = tiny(arch)
-    with pytest.raises(InputError, match=rf"^{arch}: attention heads cannot be profiled separately") as err:
+    with pytest.raises(InputError, match=rf"^{arch}: attention heads cannot be taken apart") as err:
         profile(model, tok, RECORDS, components=("attn_head",), progress=False)
     assert "\n" not in str(err.value)
 

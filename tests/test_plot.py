@@ -314,11 +314,16 @@ def test_flow_compare_and_heatmap_show_the_chosen_statistic(tokens):
     assert fig.axes[1].get_ylabel() == "NLL of the next token (nats)"
 
 
-def test_plot_runs_lens_and_stat_options(tmp_path, tokens, capsys):
+def test_plot_runs_lens_and_stat_options(tmp_path, tokens, capsys, monkeypatch):
     rich = _with_stats(tokens)
     run_dir = write_run(tmp_path / "rich", rich)
     _summary_with(rich, "nll").to_csv(run_dir / "summary.csv", index=False)
+    reads = []
+    real = Run.tokens
+    monkeypatch.setattr(Run, "tokens", lambda self: reads.append(self.label) or real(self))
     names = sorted(p.name for p in plot_run(run_dir, tmp_path / "all"))
+    assert len(reads) == 1  # the heatmap and the lens share one read of tokens.parquet
+    monkeypatch.undo()
     assert names == sorted(f"{k}.{e}" for k in ("flow", "delta", "cosine", "heatmap", "lens") for e in ("png", "pdf"))
     plain = write_run(tmp_path / "plain", tokens)  # no top-k tokens: "all" skips the lens figure
     assert "lens.png" not in {p.name for p in plot_run(plain, tmp_path / "plain-figs")}

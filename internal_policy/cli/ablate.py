@@ -56,14 +56,14 @@ def run(args: argparse.Namespace) -> int:
     from ..errors import InputError
     from ..inputs import read_records
     from ..models import load_model, resolve_device
-    from ..settings import _csv
+    from ..settings import csv_list
     from .options import chat_options
     from .profile import SAMPLE_INPUT
 
     if args.profile is not None and not (Path(args.profile) / "summary.csv").is_file():
         raise InputError(f"--profile {args.profile} is not a finished profile run (no summary.csv); "
                          "run `internal-policy profile` on the same --input first")
-    settings = AblationSettings(components=_csv(args.components),
+    settings = AblationSettings(components=csv_list(args.components),
                                 layers=parse_layers(args.layers) if args.layers is not None else None,
                                 mode=args.mode, truncate=args.truncate, chat=chat_options(args),
                                 batch_size=args.batch_size, copies=args.copies)
