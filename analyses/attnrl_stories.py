@@ -63,9 +63,9 @@ BASELINES = SELECTORS[1:]
 def initial_rollouts(model, tokenizer, prompts, args, seed):
     """Sampled responses with their token ids, sentence steps, FCI, per-token entropies and rewards."""
     from internal_policy import Sampling, generate
-    from internal_policy.attnrl import sequence_steps, step_fci, token_texts
+    from internal_policy.attnrl import sequence_steps, step_attention, token_texts
     from internal_policy.bupo.rewards import target_word_reward
-    from internal_policy.data import pad_batch
+    from internal_policy.data import Example, pad_batch
     from internal_policy.entropy import entropy_from_logits
     from internal_policy.models import pad_token_id
 
@@ -79,24 +79,17 @@ def initial_rollouts(model, tokenizer, prompts, args, seed):
     scored = [r for r in rows if r["steps"].n_steps >= 3]  # two response steps at least
     for start in range(0, len(scored), args.batch):
         batch = scored[start : start + args.batch]
-        examples = [_Ids(r["prompt_ids"] + r["response_ids"]) for r in batch]
+        examples = [Example(str(i), (*r["prompt_ids"], *r["response_ids"]), len(r["prompt_ids"]) - 1,
+                            len(r["prompt_ids"]) + len(r["response_ids"]) - 1) for i, r in enumerate(batch)]
         ids, mask = pad_batch(examples, pad_token_id(tokenizer))
-        for row, y in zip(batch, step_fci(model, ids, mask, [r["steps"] for r in batch], args.delta).fci()):
+        with torch.no_grad(), step_attention(model, [r["steps"] for r in batch], ids.shape[1], args.delta) as fci:
+            logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits  # one pass: FCI and logits
+        for row, y in zip(batch, fci.fci()):
             row["fci"] = y
-        with torch.no_grad():
-            logits = model(input_ids=ids, attention_mask=mask).logits
         entropy = entropy_from_logits(logits)
-        for b, row in enumerate(batch):
-            first = len(row["prompt_ids"]) - 1  # position whose next token is response token 0
-            row["entropy"] = entropy[b, first : first + len(row["response_ids"])].tolist()
+        for b, (row, example) in enumerate(zip(batch, examples)):  # positions whose next token is a response token
+            row["entropy"] = entropy[b, example.start : example.stop].tolist()
     return rows
-
-
-class _Ids:
-    """The one attribute `pad_batch` reads."""
-
-    def __init__(self, ids):
-        self.input_ids = ids
 
 
 def choose(rows, selector, args, rng):

@@ -6,7 +6,8 @@ Methods, on one random-weight model and batch:
   `fci`:         the FCI pass alone: the forward inside `internal_policy.attnrl.step_attention` (the
                  model's eager attention in query blocks, each block's probabilities reduced to step ×
                  step matrices at once), `logits_to_keep=1`, then `.fci()`;
-  `fci+logprob`: both in one forward (AttnRL computes FCI alongside its old-log-prob pass);
+  `fci+logprob`: both in one forward (the published AttnRL code computes FCI alongside its old-log-prob
+                 pass; `AttnRLTrainer` runs the FCI pass on its own);
   `forward`:     a plain sdpa forward with `logits_to_keep=1` (the memory baseline of `fci`);
   `eager`:       the same with HF's eager attention (full T × T per layer, no FCI): the reference for
                  the query-blocked design (`--query-block` sets the block; see the FCI module doc).

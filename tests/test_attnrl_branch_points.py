@@ -146,6 +146,22 @@ def test_cli_writes_steps_run_json_and_figures(tmp_path, capsys):
                                                           for e in ("pdf", "png")]
 
 
+def test_record_figure_draws_the_bar_select_attn_uses():
+    """The dashed line is the candidates' bar, zero-quantile fallback included (0.5-quantile of the response
+    scores below is 0, so the bar is the smallest positive score, 0.3): every chosen step lies on or past it."""
+    from internal_policy.attnrl.plots import record_figure
+
+    fci = [0.0, 0.0, 0.0, 0.0, 0.0, 0.3, 0.5]
+    steps = Steps(tuple((k * 4, k * 4 + 4) for k in range(len(fci))))
+    chosen = select_attn(fci, steps, points=2, quantile=0.5, min_start=0, min_distance=0)
+    assert chosen == [5, 6]
+    rows = pd.DataFrame({"record_id": "r", "step": range(len(fci)), "fci": fci,
+                         "selected": [k in chosen for k in range(len(fci))], "text": ["s"] * len(fci)})
+    ax = record_figure(rows, quantile=0.5).axes[0]
+    line = next(a for a in ax.lines if a.get_gid() == "threshold")
+    assert line.get_xdata()[0] == pytest.approx(0.3)
+
+
 def test_cli_generate_scores_sampled_responses(tmp_path, capsys):
     prompts = _jsonl(tmp_path / "p.jsonl", [{"id": "q", "prompt": "Once upon a time, there was a little"}])
     out = tmp_path / "run"

@@ -10,7 +10,9 @@ import numpy as np
 import pytest
 import torch
 from helpers_bupo import PROMPTS, reference_logps
+from test_attnrl_fci import plain_fci
 
+from internal_policy.attnrl.select import select_attn, step_points
 from internal_policy.attnrl.steps import sequence_steps, token_texts
 from internal_policy.errors import InputError
 from internal_policy.models import load_model
@@ -68,12 +70,33 @@ def _spy(trainer, model):
             entropy.append(reference_logps(model, row, torch.ones_like(row), None, TEMPERATURE, len(c))[1][0])
         calls.append({"out": {key: v.clone() if torch.is_tensor(v) else v for key, v in out.items()}, "want": want,
                       "trees": trainer.last_trees, "prefixes": [list(p) for p in prefixes[1:]],
+                      "fci": _eager_fci(model, trainer.processing_class, trainer.last_trees),
                       "initial": initial, "entropy": entropy, "rollout": (list(prompt_ids), list(completion_ids)),
                       "log": dict(trainer.branch_log[-1])})
         return out
 
     trainer._generate_and_score_completions, trainer._generate_single_turn = call, sample
     return calls
+
+
+def _eager_fci(model, tok, questions, delta=2):
+    """Per question, per response: FCI by the plain float64 loop over HF's eager `output_attentions` of
+    prompt + response alone (no padding), on the model of this moment (π_θ, the sampling policy)."""
+    original = model.config._attn_implementation
+    model.set_attn_implementation("eager")
+    try:
+        out = []
+        for q in questions:
+            out.append([])
+            for response in q.responses:
+                steps = sequence_steps(len(q.prompt_ids), token_texts(tok, response), ("e",))
+                with torch.no_grad():
+                    attentions = model(input_ids=torch.tensor([q.prompt_ids + response]), output_attentions=True,
+                                       use_cache=False).attentions
+                out[-1].append(plain_fci([a[0] for a in attentions], steps, delta) if steps.n_steps > 2 else None)
+        return out
+    finally:
+        model.set_attn_implementation(original)
 
 
 def _hand_tree(question):
@@ -148,6 +171,23 @@ def test_branch_rows_are_the_trained_leaves_and_start_with_their_parents_prefix(
         assert prompts[:len(hand)] == parents
         assert call["log"]["train_rows"] == len(hand) and call["log"]["rows_added"] == sum(
             len(q.continuations) for q in trees)
+
+
+def test_fci_and_points_follow_the_rules_on_the_sampling_policys_attention(bupo_run):
+    trainer, tok, calls = bupo_run
+    checked = 0
+    for call in calls:
+        for q, want in zip(call["trees"], call["fci"]):
+            for i, ref in enumerate(want):
+                if ref is None:
+                    continue
+                assert np.abs(q.fci[i] - ref).max() <= 1e-4, (q.fci[i], ref)
+                checked += np.count_nonzero(ref)
+            for i, points in q.points.items():
+                steps = sequence_steps(len(q.prompt_ids), token_texts(tok, q.responses[i]), ("e",))
+                assert points == step_points(steps, select_attn(want[i], steps, points=2, quantile=0.8, min_start=0,
+                                                                min_distance=0))
+    assert checked >= 4
 
 
 def test_advantages_follow_the_tree_segment_by_segment(bupo_run):

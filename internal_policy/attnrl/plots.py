@@ -2,7 +2,8 @@
 `Figure` objects, no pyplot, the package's local seaborn style, PNG + PDF via `save_figure`).
 
 - `record_figure`: one record's steps as horizontal FCI bars, top to bottom, each labelled with its
-  text; the chosen branch points in a second colour with a marker, the quantile threshold dashed.
+  text; the chosen branch points in a second colour with a marker, the candidates' bar
+  (`select.threshold`, the one `select_attn` uses) dashed.
 - `overview_figure`: every response step of every record, FCI against the step's relative position in
   its response, chosen points highlighted; and where the chosen points fall compared with all steps.
 """
@@ -20,6 +21,7 @@ from matplotlib.figure import Figure
 from ..errors import InputError
 from ..plot import _colours, _glyphs, _style, save_figure
 from .analysis import load_branch_points
+from .select import threshold
 
 LABEL_CHARS = 48
 
@@ -49,9 +51,8 @@ def record_figure(rows: pd.DataFrame, quantile: float | None = 0.8, max_steps: i
         ax.scatter(chosen["fci"], y[shown["selected"].to_numpy()], marker="<", s=40, color=colours[1], zorder=3,
                    label="branch point (step resampled)", gid="selected")
         if quantile is not None:
-            threshold = float(np.quantile(rows["fci"].to_numpy()[1:], quantile))
-            ax.axvline(threshold, ls="--", color="0.3", lw=1, label=f"{quantile:g} quantile of response steps",
-                       gid="threshold")
+            ax.axvline(threshold(rows["fci"].to_numpy(), quantile), ls="--", color="0.3", lw=1,
+                       label=f"candidate bar ({quantile:g} quantile of response steps)", gid="threshold")
         ax.set_yticks(y, [step_label(int(k), t) for k, t in zip(shown["step"], shown["text"])], fontsize=7)
         ax.invert_yaxis()
         cut = f", first {len(shown)} of {len(rows)} steps" if len(rows) > len(shown) else ""

@@ -75,6 +75,14 @@ def _place(order: Sequence[int], steps: Steps, points: int, min_start: int, min_
     return sorted(chosen)
 
 
+def threshold(fci: Sequence[float], quantile: float = 0.8) -> float:
+    """The candidates' FCI bar: the `quantile` of the response steps' scores (`fci[1:]`, step 0 is the prompt),
+    or the smallest positive score when that quantile is 0 while some score is positive."""
+    scores = np.asarray(fci, dtype=np.float64)[1:]
+    bar = float(np.quantile(scores, quantile))
+    return float(scores[scores > 0].min()) if bar == 0 and (scores > 0).any() else bar
+
+
 def select_attn(
     fci: Sequence[float],
     steps: Steps,
@@ -88,11 +96,9 @@ def select_attn(
     _response_steps(steps)
     if len(fci) != steps.n_steps:
         raise InputError(f"{len(fci)} FCI values for {steps.n_steps} steps")
-    scores = np.asarray(fci, dtype=np.float64)[1:]
-    threshold = float(np.quantile(scores, quantile))
-    if threshold == 0 and (scores > 0).any():
-        threshold = float(scores[scores > 0].min())
-    candidates = [k for k in range(2, steps.n_steps) if scores[k - 1] >= threshold]
+    scores = np.asarray(fci, dtype=np.float64)
+    bar = threshold(scores, quantile)
+    candidates = [k for k in range(2, steps.n_steps) if scores[k] >= bar]
     return _place(candidates, steps, points, min_start, min_distance)
 
 

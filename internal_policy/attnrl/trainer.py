@@ -5,7 +5,9 @@ TRL's `rollout_func` cannot add rows, so `AttnRLTrainer` overrides the rollout/s
 question; then, for each question held by this process:
 1. selection scores: every response step's FCI from one eager-attention pass (`fci.step_attention`;
    for `attn`, and for adaptive sampling's all-correct rule whatever the selector), or π_θ's token
-   entropies (`entropy`);
+   entropies (`entropy`): a no-grad forward of its own, not merged with TRL's old-log-prob forward (that
+   one is π^k's in BuPO's internal phase, and its left-padded rows would shift the step positions);
+   `bench/attnrl_train_step.py` prints its share of a step (`fci_share`);
 2. the plan: every response, or with `adaptive_sampling` `plan_branching`'s ceil(n·e^(−acc)); N
    points per branched response by the selector; T continuations per point, sampled with TRL's
    generation helper from prompt + the parent's tokens before the point and cut so that prefix +

@@ -21,7 +21,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                        description="Split prompt/response records into steps, score each step's Forward Context "
                                    "Influence (FCI) from the attention of one pass, pick AttnRL's branch points; "
                                    "writes steps.parquet, run.json and figures.")
-    add_model_options(p, dtype_help=CHECKPOINT_DTYPE)
+    add_model_options(p, dtype_help=CHECKPOINT_DTYPE, seed_help="seed of --generate sampling")
     p.add_argument("--input", required=True,
                    help="prompt/response records: .jsonl ({'prompt','response'}, {'messages'}, token ids), "
                         ".parquet, a saved HF dataset folder, or prompts with --generate")
@@ -42,8 +42,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--truncate", action="store_true", help="cut records longer than the context instead of failing")
     p.add_argument("--max-figures", type=int, default=50, help="per-record figures to draw (default 50; 0: none)")
-    g = add_generation_options(p, then="score them")
-    g.add_argument("--seed", type=int, default=0, help="seed of --generate sampling")
+    add_generation_options(p, then="score them")
     add_run_options(p)
     p.set_defaults(handler=run)
 
