@@ -66,10 +66,7 @@ def run(args: argparse.Namespace) -> int:
     check_selection(args.points, args.quantile, args.min_start, args.min_distance)
     if args.batch_size < 1:
         raise InputError(f"--batch-size must be at least 1, got {args.batch_size}")
-    try:
-        resolve_dtype(args.dtype)
-    except ValueError as err:
-        raise InputError(str(err)) from None
+    resolve_dtype(args.dtype)  # an unknown name is an InputError before the model loads
     separators = tuple(unescape(s) for s in args.step_sep) if args.step_sep else SEPARATORS
     chat = chat_options(args)
     sampling = Sampling(args.samples, args.temperature, args.top_p, args.max_new_tokens, args.seed)

@@ -59,17 +59,13 @@ def run(args: argparse.Namespace) -> int:
     from transformers.utils import logging as hf_logging
 
     from .. import dist
-    from ..errors import InputError
     from ..generate import Sampling, generate, pick_engine
     from ..inputs import read_records
     from ..models import default_model_path, load_model, resolve_dtype
     from ..profile import profile
 
     settings = ProfileSettings.from_args(args, chat=chat_options(args))
-    try:
-        resolve_dtype(args.dtype)
-    except ValueError as err:
-        raise InputError(str(err)) from None
+    resolve_dtype(args.dtype)  # an unknown name is an InputError before the model loads
     sampling = Sampling(args.samples, args.temperature, args.top_p, args.max_new_tokens, settings.seed)
     if args.generate:
         sampling.check()
